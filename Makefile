@@ -1,0 +1,32 @@
+# The README's commands. `make train` and `make test` install first when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test test-full bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+train: install
+	$(BIN)/python train.py experiment=demo
+
+test: install
+	$(BIN)/pytest -m "not slow" -q
+
+test-full: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python bench/freqconv.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/train_step.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

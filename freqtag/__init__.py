@@ -1,0 +1,2 @@
+"""freqtag: the frequency-dependent CNN for music emotion and theme tagging."""
+__version__ = "0.1.0"

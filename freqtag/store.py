@@ -1,0 +1,310 @@
+"""The HDF5 feature store: every frame of every track in one file.
+
+Layout (format version 1)::
+
+    /features        float16 (total_frames, n_bands), contiguous, uncompressed
+    /tracks/id       utf-8 strings (N,)
+    /tracks/offset   int64 (N,)   first frame of each track in /features
+    /tracks/length   int64 (N,)   frames of each track
+    attrs: format, version, spec (JSON FeatureSpec), mean, std, stats_split, stats_tracks
+
+Frames are stored time-major so that a crop of L frames is ONE contiguous
+byte range (DESIGN.md said bands x frames; time-major makes the read a single
+``memcpy`` instead of one strided read per band). Because the dataset is
+contiguous and uncompressed, readers memory-map it at its HDF5 offset, opened
+lazily in each process, so a store is safe to share across fork and spawn.
+
+Writing is resumable and atomic: finished tracks are kept in
+``STORE.partial/`` (one ``.npz`` per batch, each renamed into place when
+complete); ``finish`` assembles ``STORE.tmp`` in the canonical track order and
+renames it to ``STORE``. An interrupted run re-opens the partial folder and
+does only the tracks that are missing; the assembled store does not depend on
+how often, or where, the writing was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from .features import FeatureSpec
+
+__all__ = ["FeatureStore", "StoreWriter", "StoreError", "FORMAT", "VERSION"]
+
+FORMAT = "freqtag-store"
+VERSION = 1
+DTYPE = np.float16
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked (names the file and the fix)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FeatureStore:
+    """Read-only view of a store: index in memory, frames memory-mapped on first use.
+
+    Pickling carries only the path and the small index, never an open file,
+    so DataLoader workers (fork or spawn) each open their own map.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            partial = self.path.with_name(self.path.name + ".partial")
+            hint = (
+                f"; an unfinished run left {partial}: re-run the same `freqtag prepare` to finish it"
+                if partial.exists()
+                else "; make one with `freqtag prepare` or `freqtag synth`"
+            )
+            raise StoreError(f"feature store {self.path} does not exist{hint}")
+        try:
+            with h5py.File(self.path, "r") as f:
+                if f.attrs.get("format") != FORMAT:
+                    raise StoreError(f"{self.path} is not a freqtag feature store (no format attribute)")
+                if int(f.attrs["version"]) != VERSION:
+                    raise StoreError(
+                        f"{self.path} has store format version {f.attrs['version']}, this freqtag reads "
+                        f"{VERSION}: rebuild it with `freqtag prepare`"
+                    )
+                self.spec = FeatureSpec.from_json(f.attrs["spec"])
+                self.mean = float(f.attrs["mean"])
+                self.std = float(f.attrs["std"])
+                self.stats_split = str(f.attrs["stats_split"])
+                self.stats_tracks = int(f.attrs["stats_tracks"])
+                self.track_ids: list[str] = [s.decode() for s in f["tracks/id"][()]]
+                self.offsets: np.ndarray = f["tracks/offset"][()].astype(np.int64)
+                self.lengths: np.ndarray = f["tracks/length"][()].astype(np.int64)
+                ds = f["features"]
+                self.n_frames, self.n_bands = (int(n) for n in ds.shape)
+                self._byte_offset = ds.id.get_offset()
+                if ds.dtype != DTYPE or self._byte_offset is None or ds.chunks is not None:
+                    raise StoreError(f"{self.path}: /features is not a contiguous float16 dataset; rebuild it")
+        except (OSError, KeyError) as e:
+            raise StoreError(f"{self.path} is not a readable freqtag store ({e}); rebuild it") from e
+        if self.n_bands != self.spec.n_mels:
+            raise StoreError(f"{self.path}: {self.n_bands} bands stored but the spec says {self.spec.n_mels}")
+        ends = self.offsets + self.lengths
+        if len(self.track_ids) and (ends.max() > self.n_frames or self.offsets.min() < 0):
+            raise StoreError(f"{self.path}: the track index points past the {self.n_frames} stored frames; rebuild it")
+        self.row = {t: i for i, t in enumerate(self.track_ids)}
+        self._map: np.ndarray | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_map"] = None
+        state["_pid"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    def __contains__(self, track_id: str) -> bool:
+        return track_id in self.row
+
+    @property
+    def frames(self) -> np.ndarray:
+        """(total_frames, n_bands) float16 memory map, opened once per process."""
+        if self._map is None or self._pid != os.getpid():
+            self._map = np.memmap(
+                self.path, dtype=DTYPE, mode="r", offset=self._byte_offset, shape=(self.n_frames, self.n_bands)
+            )
+            self._pid = os.getpid()
+        return self._map
+
+    @property
+    def hours(self) -> float:
+        return float(self.lengths.sum()) / self.spec.frames_per_second / 3600.0
+
+    def length(self, track_id: str) -> int:
+        return int(self.lengths[self.row[track_id]])
+
+    def track(self, track_id: str) -> np.ndarray:
+        """All frames of a track, (frames, n_bands) float16 (a copy)."""
+        i = self.row[track_id]
+        o = int(self.offsets[i])
+        return np.array(self.frames[o : o + int(self.lengths[i])])
+
+    def crop(self, row: int, start: int, length: int) -> np.ndarray:
+        """Frames start..start+length of track number ``row``: one contiguous read."""
+        o = int(self.offsets[row]) + start
+        return np.array(self.frames[o : o + length])
+
+    def load(self) -> np.ndarray:
+        """The whole (total_frames, n_bands) array in RAM (the in-memory mode)."""
+        return np.array(self.frames)
+
+    def missing(self, track_ids: Iterable[str]) -> list[str]:
+        return [t for t in track_ids if t not in self.row]
+
+
+@dataclass
+class _Stats:
+    count: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        x64 = x.astype(np.float64)
+        self.count += x64.size
+        self.total += float(x64.sum())
+        self.total_sq += float(np.square(x64).sum())
+
+    def mean_std(self) -> tuple[float, float]:
+        if self.count == 0:
+            return 0.0, 1.0
+        mean = self.total / self.count
+        var = max(self.total_sq / self.count - mean * mean, 0.0)
+        return mean, float(np.sqrt(var)) or 1.0
+
+
+class StoreWriter:
+    """Build a store resumably: ``add`` finished tracks, then ``finish``.
+
+    ``track_ids`` is the canonical order of the final store; tracks already in
+    ``STORE.partial/`` from an interrupted run are listed in ``done``.
+    """
+
+    def __init__(self, out: str | Path, spec: FeatureSpec, track_ids: Sequence[str]) -> None:
+        self.out = Path(out)
+        self.spec = spec
+        self.order = list(track_ids)
+        if len(set(self.order)) != len(self.order):
+            raise StoreError(f"{self.out}: duplicate track ids given to the store writer")
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.partial.mkdir(parents=True, exist_ok=True)
+        spec_file = self.partial / "spec.json"
+        if spec_file.exists():
+            old = FeatureSpec.from_json(spec_file.read_text())
+            if old != spec:
+                raise StoreError(
+                    f"{self.partial} holds an unfinished store with features '{old.name}', not '{spec.name}': "
+                    f"re-run with --features {old.name}, or delete {self.partial} to start over"
+                )
+        else:
+            tmp = spec_file.with_suffix(".tmp")
+            tmp.write_text(spec.to_json())
+            tmp.replace(spec_file)
+        self._where: dict[str, Path] = {}
+        self._next = 0
+        for part in sorted(self.partial.glob("part-*.npz")):
+            self._next = max(self._next, int(part.stem.split("-")[1]) + 1)
+            try:
+                with np.load(part) as z:
+                    names = list(z.files)
+            except Exception:  # a damaged part is redone, never trusted
+                part.unlink()
+                continue
+            for name in names:
+                self._where[name] = part
+        for stale in self.partial.glob("*.tmp"):
+            stale.unlink()
+
+    @property
+    def done(self) -> set[str]:
+        return set(self._where)
+
+    def todo(self) -> list[str]:
+        return [t for t in self.order if t not in self._where]
+
+    def add(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        """Keep a batch of finished tracks: (track_id, (frames, n_bands) array) each."""
+        if not items:
+            return
+        arrays: dict[str, np.ndarray] = {}
+        for track_id, x in items:
+            x = np.asarray(x)
+            if x.ndim != 2 or x.shape[1] != self.spec.n_mels:
+                raise StoreError(f"track {track_id}: features of shape {x.shape}, expected (frames, {self.spec.n_mels})")
+            arrays[track_id] = x.astype(DTYPE)
+        part = self.partial / f"part-{self._next:06d}.npz"
+        self._next += 1
+        tmp = part.with_name(part.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(part)
+        for track_id in arrays:
+            self._where[track_id] = part
+
+    def finish(self, stats_ids: Iterable[str], stats_split: str) -> Path:
+        """Assemble the store from the kept tracks (those of ``track_ids`` that were added).
+
+        ``stats_ids``: the tracks whose frames give the normalisation mean/std
+        (the train split). Returns the final path.
+        """
+        present = [t for t in self.order if t in self._where]
+        stats_set = set(stats_ids)
+        stats = _Stats()
+        lengths = np.zeros(len(present), dtype=np.int64)
+        opened: dict[Path, np.lib.npyio.NpzFile] = {}
+
+        def get(track_id: str) -> np.ndarray:
+            part = self._where[track_id]
+            if part not in opened:
+                opened[part] = np.load(part)
+            return opened[part][track_id]
+
+        try:
+            for i, t in enumerate(present):
+                lengths[i] = get(t).shape[0]
+            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(present) else lengths
+            total = int(lengths.sum())
+            tmp = self.out.with_name(self.out.name + ".tmp")
+            with h5py.File(tmp, "w") as f:
+                ds = f.create_dataset("features", shape=(total, self.spec.n_mels), dtype=DTYPE)
+                for i, t in enumerate(present):
+                    x = get(t)
+                    ds[offsets[i] : offsets[i] + lengths[i]] = x
+                    if t in stats_set:
+                        stats.add(x)
+                f.create_dataset("tracks/id", data=np.array(present, dtype=object), dtype=h5py.string_dtype())
+                f.create_dataset("tracks/offset", data=offsets)
+                f.create_dataset("tracks/length", data=lengths)
+                mean, std = stats.mean_std()
+                f.attrs["format"] = FORMAT
+                f.attrs["version"] = VERSION
+                f.attrs["spec"] = self.spec.to_json()
+                f.attrs["mean"] = mean
+                f.attrs["std"] = std
+                f.attrs["stats_split"] = stats_split
+                f.attrs["stats_tracks"] = sum(1 for t in present if t in stats_set)
+        finally:
+            for z in opened.values():
+                z.close()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(self.out)
+        _fsync_dir(self.out.parent)
+        shutil.rmtree(self.partial)
+        return self.out
+
+
+def store_summary(store: FeatureStore) -> dict:
+    """What `freqtag info` prints."""
+    return {
+        "path": str(store.path),
+        "tracks": len(store),
+        "frames": store.n_frames,
+        "hours": round(store.hours, 3),
+        "mean": store.mean,
+        "std": store.std,
+        "stats": f"{store.stats_split} split, {store.stats_tracks} tracks",
+        "spec": json.loads(store.spec.to_json()),
+    }
