@@ -110,9 +110,11 @@ class FocalLoss(nn.Module):
         ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         loss = ce * (targets * self.alpha + (1.0 - targets) * (1.0 - self.alpha))
         if self.gamma != 0.0:
-            # 1 - p_t written without the subtraction, so it keeps its precision
-            # (and stays > 0) when p_t is close to 1.
+            # 1 - p_t written without the subtraction, so it keeps its precision when
+            # p_t is close to 1; the clamp keeps the gradient of x**gamma finite at
+            # x = 0 (sigmoid underflow, |logit| > ~100) when gamma < 1.
             one_minus_pt = targets * torch.sigmoid(-logits) + (1.0 - targets) * torch.sigmoid(logits)
+            one_minus_pt = one_minus_pt.clamp_min(torch.finfo(one_minus_pt.dtype).tiny)
             loss = loss * one_minus_pt.pow(self.gamma)
         return loss.mean()
 

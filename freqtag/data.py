@@ -1,0 +1,384 @@
+"""Datasets and the LightningDataModule: random crops for training, whole tracks for evaluation.
+
+Every random choice of the input pipeline (which crop, in which order) is
+made by the samplers from ``(seed, epoch)``, never inside a worker, so a run
+gives the same batches with 0 or N workers, after a resume, and under DDP.
+Workers only read bytes: a crop is one contiguous read from the store.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .features import FeatureSpec
+from .jamendo import SPLITS, Split, read_split, read_tags, split_file
+from .store import FeatureStore, StoreError
+
+__all__ = ["CropSampler", "CropDataset", "TrackDataset", "TrackSampler", "JamendoDataModule", "DataError"]
+
+
+class DataError(RuntimeError):
+    """The configured data cannot be used (names the file or setting and the fix)."""
+
+
+def _seed_for(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(p) for p in parts])
+
+
+class CropSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of (item, start frame): one uniformly random crop per track per epoch.
+
+    ``batch_size`` is the global batch; under DDP each of ``world_size`` ranks
+    takes its share of every global batch, so the set of crops in an epoch
+    does not depend on the number of ranks.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        input_length: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        centre: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.input_length = input_length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.centre = centre
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def crops(self) -> tuple[np.ndarray, np.ndarray]:
+        """(items in epoch order, start frames) for the current epoch."""
+        n = len(self.lengths)
+        rng = _seed_for(self.seed, self.epoch, 1)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        room = np.maximum(self.lengths - self.input_length, 0)
+        if self.centre:
+            starts = room // 2
+        else:
+            starts = np.floor(rng.random(n) * (room + 1)).astype(np.int64)
+        return order, starts[order]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order, starts = self.crops()
+        for b in range(0, len(order), self.batch_size):
+            items = order[b : b + self.batch_size]
+            first = starts[b : b + self.batch_size]
+            share = slice(self.rank, None, self.world_size)
+            yield list(zip(items[share].tolist(), first[share].tolist()))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+class CropDataset(Dataset):
+    """Crops of ``input_length`` frames; item = (track number, start), read in one go.
+
+    Returns raw float16 frames (B, L, bands) and uint8 labels: normalising and
+    transposing happen on the device after transfer (half the bytes moved).
+    With ``frames`` given (the in-memory mode) it returns only indices and the
+    DataModule gathers the crops on the device in one vectorised operation.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        input_length: int,
+        in_memory: bool = False,
+    ) -> None:
+        self.store = store
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels))
+        self.input_length = input_length
+        self.in_memory = in_memory
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lengths(self) -> np.ndarray:
+        return self.store.lengths[self.rows]
+
+    def __getitem__(self, batch: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        items = np.array([i for i, _ in batch], dtype=np.int64)
+        starts = np.array([s for _, s in batch], dtype=np.int64)
+        rows = self.rows[items]
+        L = self.input_length
+        valid = np.minimum(self.store.lengths[rows] - starts, L)
+        out = {
+            "row": torch.from_numpy(rows),
+            "start": torch.from_numpy(starts),
+            "valid": torch.from_numpy(valid),
+            "y": self.labels[torch.from_numpy(items)],
+        }
+        if not self.in_memory:
+            x = np.zeros((len(batch), L, self.store.n_bands), dtype=np.float16)
+            for k in range(len(batch)):
+                x[k, : valid[k]] = self.store.crop(int(rows[k]), int(starts[k]), int(valid[k]))
+            out["x"] = torch.from_numpy(x)
+        return out
+
+
+class TrackSampler(Sampler[list[int]]):
+    """One whole track per batch, this rank's share only, never padded with repeats.
+
+    A DistributedSampler would repeat tracks to even out the ranks; a repeated
+    track would be scored twice, so each rank takes items rank, rank+W, ...
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        self.items = list(range(rank, n, world_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([i] for i in self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class TrackDataset(Dataset):
+    """Whole tracks, one per batch: any length scores the same as on its own."""
+
+    def __init__(self, store: FeatureStore, rows: np.ndarray, labels: np.ndarray) -> None:
+        self.store = store
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
+        (i,) = batch
+        row = int(self.rows[i])
+        x = self.store.crop(row, 0, int(self.store.lengths[row]))
+        return {"item": torch.tensor([i]), "x": torch.from_numpy(x)[None], "y": self.labels[[i]]}
+
+
+@dataclass
+class SplitData:
+    split: Split
+    rows: np.ndarray  # store row of each split track
+
+
+class JamendoDataModule(pl.LightningDataModule):
+    """MTG-Jamendo-format data: a feature store plus split TSVs and a tag list.
+
+    ``synthetic`` (tracks, seed) makes the demo dataset on first use when the
+    store is missing; for the real dataset a missing store is an error that
+    says how to prepare it.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        splits_dir: str,
+        tags_file: str,
+        features: FeatureSpec | dict[str, Any],
+        input_length: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        in_memory: bool = False,
+        seed: int = 42,
+        missing_tracks: str = "stop",
+        synthetic: dict[str, Any] | None = None,
+        multiprocessing_context: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.store_path = Path(store)
+        self.splits_dir = Path(splits_dir)
+        self.tags_file = Path(tags_file)
+        self.spec = features if isinstance(features, FeatureSpec) else FeatureSpec.from_dict(dict(features))
+        if int(input_length) <= 0 or int(input_length) % 32:
+            raise DataError(f"data.input_length={input_length}: must be a positive multiple of 32 (e.g. 128 or 224)")
+        self.input_length = int(input_length)
+        if int(batch_size) <= 0:
+            raise DataError(f"data.batch_size={batch_size}: must be positive")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.in_memory = bool(in_memory)
+        self.seed = int(seed)
+        if missing_tracks not in ("stop", "skip"):
+            raise DataError(f"data.missing_tracks={missing_tracks!r}: valid values are stop, skip")
+        self.missing_tracks = missing_tracks
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.multiprocessing_context = multiprocessing_context
+        self.store: FeatureStore | None = None
+        self.splits: dict[str, SplitData] = {}
+        self.tags: list[str] = []
+        self._frames: torch.Tensor | None = None
+
+    # -- set-up -------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.synthetic is not None and not self.store_path.exists():
+            from .synthetic import synthesize
+
+            out = self.store_path.parent
+            synthesize(out, tracks=int(self.synthetic.get("tracks", 1000)), seed=int(self.synthetic.get("seed", 0)),
+                       features=self.spec.name)
+
+    def check(self) -> None:
+        """Open and cross-check store, TSVs and tags; every problem stops here, before training."""
+        if self.store is not None:
+            return
+        if not self.store_path.exists() and self.synthetic is None:
+            raise DataError(
+                f"feature store {self.store_path} does not exist. Prepare MTG-Jamendo with\n"
+                f"  freqtag prepare --features {self.spec.name} "
+                + ("--npy-dir <MTG melspecs dir>" if self.spec.name == "mel96" else "--audio-dir <MTG audio dir>")
+                + f" --splits {self.splits_dir} --out {self.store_path}\n"
+                f"or set data.store=... to where it is; to try freqtag without the dataset run `make train` "
+                f"(python train.py experiment=demo)"
+            )
+        self.prepare_data()
+        try:
+            store = FeatureStore(self.store_path)
+        except StoreError as e:
+            raise DataError(str(e)) from e
+        if store.spec != self.spec:
+            raise DataError(
+                f"{self.store_path} holds '{store.spec.name}' features but the run asks for features="
+                f"{self.spec.name} with a different recipe: choose features={store.spec.name} or point "
+                f"data.store at a {self.spec.name} store"
+            )
+        self.tags = read_tags(self.tags_file)
+        for name in SPLITS:
+            split = read_split(split_file(self.splits_dir, name), self.tags, name=name)
+            if len(split) == 0:
+                raise DataError(f"{split.path}: the {name} split is empty")
+            missing = store.missing(split.track_ids)
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                if self.missing_tracks == "stop":
+                    raise DataError(
+                        f"{split.path}: {len(missing)} of {len(split)} tracks are not in {self.store_path} "
+                        f"({shown}); re-run `freqtag prepare` for them, or set data.missing_tracks=skip to "
+                        f"leave them out"
+                    )
+                keep = [i for i, t in enumerate(split.track_ids) if t in store]
+                split = _subset(split, keep)
+            rows = np.array([store.row[t] for t in split.track_ids], dtype=np.int64)
+            self.splits[name] = SplitData(split, rows)
+        self.store = store
+
+    def setup(self, stage: str | None = None) -> None:
+        self.check()
+
+    @property
+    def mean(self) -> float:
+        assert self.store is not None
+        return self.store.mean
+
+    @property
+    def std(self) -> float:
+        assert self.store is not None
+        return self.store.std
+
+    def positive_rates(self) -> np.ndarray:
+        """p_i of the train split TSV (never read from a stored file)."""
+        self.check()
+        return self.splits["train"].split.positive_rates()
+
+    # -- loaders ------------------------------------------------------------
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
+        )
+
+    def crop_dataset(self, split: str) -> CropDataset:
+        self.check()
+        assert self.store is not None
+        d = self.splits[split]
+        return CropDataset(self.store, d.rows, d.split.labels, self.input_length, in_memory=self.in_memory)
+
+    def crop_loader(self, split: str, shuffle: bool, centre: bool = False, epoch: int | None = None) -> DataLoader:
+        ds = self.crop_dataset(split)
+        rank, world = self._rank()
+        sampler = CropSampler(ds.lengths(), self.input_length, self.batch_size, self.seed + SPLITS.index(split),
+                              shuffle=shuffle, centre=centre, rank=rank, world_size=world)
+        if epoch is not None:
+            sampler.set_epoch(epoch)
+        return self._loader(ds, sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.crop_loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The cheap per-epoch check: the centre crop of every validation track."""
+        return self.crop_loader("validation", shuffle=False, centre=True)
+
+    def track_loader(self, split: str) -> DataLoader:
+        """Whole tracks of a split, this rank's share, for the final evaluation."""
+        self.check()
+        assert self.store is not None
+        d = self.splits[split]
+        rank, world = self._rank()
+        return self._loader(TrackDataset(self.store, d.rows, d.split.labels), TrackSampler(len(d.rows), rank, world))
+
+    # -- on the device ------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        """Gather (in-memory mode), convert to float, normalise, and lay out as (B, bands, frames)."""
+        if "x" not in batch:
+            batch["x"] = self.gather(batch["row"], batch["start"])
+        x = (batch["x"].float() - self.mean) / self.std
+        if "valid" in batch:  # a crop of a short track: its padding stays at zero after normalising
+            keep = torch.arange(x.shape[1], device=x.device)[None, :] < batch["valid"][:, None]
+            x = x * keep[:, :, None]
+        batch["x"] = x.transpose(1, 2).contiguous()
+        return batch
+
+    def gather(self, rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """In-memory mode: crops (B, L, bands) in one indexing operation on the batch's device."""
+        assert self.store is not None
+        device = rows.device
+        if self._frames is None or self._frames.device != device:
+            self._frames = torch.from_numpy(self.store.load()).to(device)
+            self._offsets = torch.from_numpy(self.store.offsets).to(device)
+            self._lengths = torch.from_numpy(self.store.lengths).to(device)
+        steps = torch.arange(self.input_length, device=device)
+        last = self._offsets[rows] + self._lengths[rows] - 1
+        idx = torch.minimum(self._offsets[rows, None] + starts[:, None] + steps, last[:, None])
+        return self._frames[idx]
+
+
+def _subset(split: Split, keep: list[int]) -> Split:
+    return Split(
+        name=split.name,
+        path=split.path,
+        tags=split.tags,
+        track_ids=tuple(split.track_ids[i] for i in keep),
+        artist_ids=tuple(split.artist_ids[i] for i in keep),
+        paths=tuple(split.paths[i] for i in keep),
+        durations=split.durations[keep],
+        labels=split.labels[keep],
+    )
