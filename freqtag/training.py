@@ -118,7 +118,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def finalize(module: TaggingModule, dm: JamendoDataModule, swa: SWA, device: torch.device, max_epochs: int) -> None:
     """SWA weights into the network, then BatchNorm statistics from one pass over train crops (no mixup)."""
-    swa.apply(module.net)
+    swa.apply(module)
     module.net.to(device)
     loader = dm.crop_loader("train", shuffle=True, epoch=max_epochs)
 
