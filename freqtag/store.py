@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -41,6 +42,7 @@ __all__ = ["FeatureStore", "StoreWriter", "StoreError", "FORMAT", "VERSION"]
 FORMAT = "freqtag-store"
 VERSION = 1
 DTYPE = np.float16
+_OPEN_PARTS = 16  # npz parts kept open at once while assembling
 
 
 class StoreError(RuntimeError):
@@ -250,14 +252,23 @@ class StoreWriter:
         (the train split). Returns the final path.
         """
         present = [t for t in self.order if t in self._where]
+        if not present:
+            # h5py never allocates an unwritten dataset, so the reader could not map it
+            raise StoreError(f"{self.out}: no track was added, so there is no store to assemble")
         stats_set = set(stats_ids)
         stats = _Stats()
         lengths = np.zeros(len(present), dtype=np.int64)
-        opened: dict[Path, np.lib.npyio.NpzFile] = {}
+        # A few parts open at a time: a store of many small parts must not run
+        # out of file descriptors (an NpzFile keeps its file open).
+        opened: OrderedDict[Path, np.lib.npyio.NpzFile] = OrderedDict()
 
         def get(track_id: str) -> np.ndarray:
             part = self._where[track_id]
-            if part not in opened:
+            if part in opened:
+                opened.move_to_end(part)
+            else:
+                if len(opened) >= _OPEN_PARTS:
+                    opened.popitem(last=False)[1].close()
                 opened[part] = np.load(part)
             return opened[part][track_id]
 

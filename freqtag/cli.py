@@ -1,0 +1,201 @@
+"""The `freqtag` command: one subcommand per job, each a parser and a runner.
+
+A subcommand is two functions, ``add_<name>_parser(subparsers)`` and
+``run_<name>(args) -> exit code``, registered in :data:`COMMANDS`. Runners
+import their heavy modules lazily so that ``freqtag --help`` stays instant.
+Errors a user can cause become one line on stderr (exit 1), never a traceback;
+argparse's usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = ["main", "COMMANDS", "print_store_info"]
+
+Runner = Callable[[argparse.Namespace], int]
+AddParser = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], argparse.ArgumentParser]
+
+
+def _error(message: str) -> None:
+    print(f"freqtag: error: {message}", file=sys.stderr)
+
+
+def print_store_info(path: str | Path) -> None:
+    """Tracks, hours, frames, statistics and the feature spec of a store, as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .store import FeatureStore, store_summary
+
+    info = store_summary(FeatureStore(path))
+    table = Table(title=f"feature store {info['path']}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("tracks", f"{info['tracks']:,}")
+    table.add_row("hours", f"{info['hours']:,.3f}")
+    table.add_row("frames", f"{info['frames']:,}")
+    table.add_row("mean", f"{info['mean']:.4f}")
+    table.add_row("std", f"{info['std']:.4f}")
+    table.add_row("statistics from", info["stats"])
+    for key, value in info["spec"].items():
+        table.add_row(f"spec.{key}", str(value))
+    Console(soft_wrap=False).print(table)
+
+
+# ---------------------------------------------------------------------- prepare
+
+
+def add_prepare_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    p = subparsers.add_parser(
+        "prepare",
+        help="build a feature store from MTG-Jamendo's .npy spectrograms",
+        description="Import every track of the three split TSVs into one HDF5 feature store. "
+        "Bad files are skipped and listed in STORE.report.tsv (exit 1 if any). "
+        "An interrupted run resumes when re-run with the same arguments.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--npy-dir", type=Path, help="MTG's melspecs folder (holds XX/ID.npy)")
+    p.add_argument("--splits", type=Path, required=True, help="folder of autotagging_moodtheme-{train,validation,test}.tsv")
+    p.add_argument("--out", type=Path, required=True, help="the store to write, e.g. data/mel96.h5")
+    p.add_argument("--features", default="mel96", help="feature kind of the files (default: mel96)")
+    p.add_argument("--workers", type=int, default=1, help="loader processes (default: 1)")
+    p.add_argument("--tags", type=Path, default=None, help="tag list (default: moodtheme_split.txt beside --splits)")
+    p.add_argument("--batch-size", type=int, default=64, help="tracks per resumable part (default: 64)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare_npy
+
+    if args.workers < 1:
+        _error(f"--workers {args.workers}: must be at least 1")
+        return 2
+    report = prepare_npy(
+        args.npy_dir,
+        args.splits,
+        args.out,
+        features=args.features,
+        workers=args.workers,
+        tags_file=args.tags,
+        progress=not args.no_progress,
+        batch_size=args.batch_size,
+    )
+    n_skipped = len(report.skipped)
+    if report.already_complete:
+        if n_skipped:
+            print(
+                f"{report.out} is already complete but lacks {n_skipped} of the {report.total} requested tracks; "
+                f"{report.report} lists them (delete {report.out} to rebuild it)"
+            )
+            return 1
+        print(f"{report.out} is already complete: it holds all {report.total} requested tracks")
+        return 0
+    resumed = f" ({report.resumed} kept from an interrupted run)" if report.resumed else ""
+    print(f"wrote {report.out}: {report.written} of {report.total} tracks{resumed} in {report.seconds:.1f} s")
+    if n_skipped:
+        print(f"skipped {n_skipped} tracks, listed with reasons in {report.report}:", file=sys.stderr)
+        for track_id, path, reason in report.skipped[:10]:
+            print(f"  {track_id}  {path}: {reason}", file=sys.stderr)
+        if n_skipped > 10:
+            print(f"  ... and {n_skipped - 10} more", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------- info
+
+
+def add_info_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    p = subparsers.add_parser("info", help="describe a feature store, or export one track")
+    p.add_argument("store", type=Path, help="the store, e.g. data/mel96.h5")
+    p.add_argument("--track", help="a track id to export (with --npy)")
+    p.add_argument("--npy", type=Path, help="write that track's features here as float32 (bands, frames)")
+    return p
+
+
+def run_info(args: argparse.Namespace) -> int:
+    if (args.track is None) != (args.npy is None):
+        _error("--track and --npy go together: freqtag info STORE --track ID --npy OUT.npy")
+        return 2
+    if args.track is None:
+        print_store_info(args.store)
+        return 0
+    import numpy as np
+
+    from .store import FeatureStore
+
+    store = FeatureStore(args.store)
+    if args.track not in store:
+        _error(f"track {args.track!r} is not in {args.store} ({len(store)} tracks, e.g. {', '.join(store.track_ids[:3])})")
+        return 1
+    x = store.track(args.track).astype(np.float32).T
+    args.npy.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.npy, "wb") as f:  # an open file keeps the name exactly as given
+        np.save(f, x)
+    print(f"wrote {args.npy}: track {args.track}, float32 {x.shape} (bands, frames)")
+    return 0
+
+
+# ------------------------------------------------------------------------ synth
+
+
+def add_synth_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    p = subparsers.add_parser("synth", help="write a small synthetic dataset (split TSVs + store) for the demo")
+    p.add_argument("--out", type=Path, required=True, help="folder to write into")
+    p.add_argument("--tracks", type=int, default=None, help="number of tracks (default: synthesize's own)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: synthesize's own)")
+    p.add_argument("--features", choices=("mel96", "mel128"), default="mel96", help="feature kind (default: mel96)")
+    return p
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from .synthetic import synthesize
+
+    options = {k: v for k, v in (("tracks", args.tracks), ("seed", args.seed)) if v is not None}
+    synthesize(args.out, features=args.features, **options)
+    print_store_info(Path(args.out) / f"{args.features}.h5")
+    return 0
+
+
+# -------------------------------------------------------------- registrations
+
+# name -> (add parser, run). Later subcommands (summary, predict, ensemble, ...)
+# add one line here and their two functions above.
+COMMANDS: dict[str, tuple[AddParser, Runner]] = {
+    "prepare": (add_prepare_parser, run_prepare),
+    "info": (add_info_parser, run_info),
+    "synth": (add_synth_parser, run_synth),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freqtag", description="Frequency-dependent CNN music tagger.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (add_parser, run) in COMMANDS.items():
+        add_parser(subparsers).set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .jamendo import JamendoFormatError
+    from .prepare import PrepareError
+    from .store import StoreError
+
+    try:
+        return int(args.run(args))
+    except (JamendoFormatError, StoreError, PrepareError, OSError, ValueError) as e:
+        _error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted; re-run the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
