@@ -162,6 +162,42 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- summary
+
+
+def add_summary_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    p = subparsers.add_parser(
+        "summary", help="print the paper's Table 1 for a model, computed from the instantiated network"
+    )
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=freq_dep features=mel128 data.input_length=224")
+    return p
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+    from rich.console import Console
+    from rich.table import Table
+
+    from .model import layer_table
+
+    with initialize_config_module("freqtag.conf", version_base="1.3"):
+        cfg = compose("train", overrides=list(args.overrides))
+    net = instantiate(cfg.model)
+    rows = layer_table(net)
+    table = Table(title=f"{cfg.model.filters}, {cfg.features.name}, input {cfg.features.n_mels} × {cfg.data.input_length}")
+    for col, justify in (("Layer", "left"), ("Input", "right"), ("Kernel / stride", "right"),
+                         ("Channels", "right"), ("Dropout", "right"), ("Parameters", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(r["layer"], r["input"], r["kernel"], "" if r["channels"] is None else str(r["channels"]),
+                      "" if r["dropout"] is None else f"{r['dropout']:g}", f"{r['params']:,}")
+    total = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    table.add_row("total", "", "", "", "", f"{total:,}", style="bold")
+    Console().print(table)
+    return 0
+
+
 # -------------------------------------------------------------- registrations
 
 # name -> (add parser, run). Later subcommands (summary, predict, ensemble, ...)
@@ -170,6 +206,7 @@ COMMANDS: dict[str, tuple[AddParser, Runner]] = {
     "prepare": (add_prepare_parser, run_prepare),
     "info": (add_info_parser, run_info),
     "synth": (add_synth_parser, run_synth),
+    "summary": (add_summary_parser, run_summary),
 }
 
 
@@ -187,8 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .prepare import PrepareError
     from .store import StoreError
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return int(args.run(args))
+    except (HydraException, OmegaConfBaseException) as e:
+        _error(f"{e}".splitlines()[0] + "; see `python train.py --help` for the config groups")
+        return 2
     except (JamendoFormatError, StoreError, PrepareError, OSError, ValueError) as e:
         _error(str(e))
         return 1

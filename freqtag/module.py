@@ -47,9 +47,10 @@ class TaggingModule(pl.LightningModule):
         return self.net(x)
 
     # -- training -----------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        # dropout masks depend on (seed, epoch) only: resuming at an epoch boundary replays them
-        torch.manual_seed(self.hparams.seed * 1_000_003 + self.current_epoch)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # dropout masks depend on (seed, step, rank) only, so a resumed run replays them exactly
+        # (Lightning skips on_train_epoch_start for the epoch it resumes in, so seed per step)
+        torch.manual_seed((self.hparams.seed * 1_000_003 + self.global_step) * 64 + self.global_rank)
 
     def mixup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Reference mixup: one lam ~ Beta(a, a) per batch, a random permutation of the batch."""
