@@ -142,3 +142,22 @@ def test_real_data_missing_stops_at_once(tmp_path):
     assert "freqtag prepare --features mel128 --audio-dir" in res.stderr
     assert "experiment=demo" in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "total"),
+    [(["model=freq_dep", "features=mel128"], "17,746,808"), (["model=convs", "features=mel96", "data.input_length=128"], "3,156,856")],
+)
+def test_summary_prints_table1_and_total(overrides, total):
+    res = subprocess.run([str(Path(sys.executable).parent / "freqtag"), "summary", *overrides],
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    assert res.returncode == 0, res.stderr
+    assert total in res.stdout
+    for layer in ("conv1", "maxpool", "filter4", "collapse", "avgpool", "output"):
+        assert layer in res.stdout
+
+
+def test_summary_unknown_model_is_one_line():
+    res = subprocess.run([str(Path(sys.executable).parent / "freqtag"), "summary", "model=nope"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "model/nope" in res.stderr
