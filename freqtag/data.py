@@ -89,13 +89,28 @@ class CropSampler(Sampler[list[tuple[int, int]]]):
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
-class CropDataset(Dataset):
-    """Crops of ``input_length`` frames; item = (track number, start), read in one go.
+def normalised(x16: torch.Tensor, valid: np.ndarray | None, mean: float, std: float) -> torch.Tensor:
+    """(B, L, bands) float16 frames -> (B, bands, L) float32, ``(x - mean) / std``, padding kept at 0.
 
-    Returns raw float16 frames (B, L, bands) and uint8 labels: normalising and
-    transposing happen on the device after transfer (half the bytes moved).
-    With ``frames`` given (the in-memory mode) it returns only indices and the
-    DataModule gathers the crops on the device in one vectorised operation.
+    One transposing copy and two in-place passes: the cheapest form on a CPU
+    (about half the time of convert, normalise, then transpose).
+    """
+    out = torch.empty((x16.shape[0], x16.shape[2], x16.shape[1]), dtype=torch.float32, device=x16.device)
+    out.copy_(x16.transpose(1, 2))
+    out.sub_(mean).div_(std)
+    if valid is not None:
+        for k in np.flatnonzero(valid < x16.shape[1]):
+            out[k, :, int(valid[k]) :] = 0.0
+    return out
+
+
+class CropDataset(Dataset):
+    """Crops of ``input_length`` frames; an item is a whole batch of (track number, start) pairs.
+
+    Each crop is one contiguous read from the store; the worker returns the
+    normalised float32 batch (B, bands, L), so the main process has nothing
+    left to do. In the in-memory mode it returns only the indices and the
+    DataModule gathers the crops on the batch's device in one operation.
     """
 
     def __init__(
@@ -134,7 +149,7 @@ class CropDataset(Dataset):
             x = np.zeros((len(batch), L, self.store.n_bands), dtype=np.float16)
             for k in range(len(batch)):
                 x[k, : valid[k]] = self.store.crop(int(rows[k]), int(starts[k]), int(valid[k]))
-            out["x"] = torch.from_numpy(x)
+            out["x"] = normalised(torch.from_numpy(x), valid, self.store.mean, self.store.std)
         return out
 
 
@@ -169,8 +184,8 @@ class TrackDataset(Dataset):
     def __getitem__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
         (i,) = batch
         row = int(self.rows[i])
-        x = self.store.crop(row, 0, int(self.store.lengths[row]))
-        return {"item": torch.tensor([i]), "x": torch.from_numpy(x)[None], "y": self.labels[[i]]}
+        x = torch.from_numpy(self.store.crop(row, 0, int(self.store.lengths[row])))[None]
+        return {"item": torch.tensor([i]), "x": normalised(x, None, self.store.mean, self.store.std), "y": self.labels[[i]]}
 
 
 @dataclass
@@ -305,14 +320,16 @@ class JamendoDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:
+        # in-memory crops are gathered in the main process (or on the GPU): workers would only pass indices
+        workers = 0 if isinstance(dataset, CropDataset) and dataset.in_memory else self.num_workers
         return DataLoader(
             dataset,
             sampler=sampler,
             batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
+            multiprocessing_context=self.multiprocessing_context if workers > 0 else None,
         )
 
     def crop_dataset(self, split: str) -> CropDataset:
@@ -347,18 +364,14 @@ class JamendoDataModule(pl.LightningDataModule):
 
     # -- on the device ------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
-        """Gather (in-memory mode), convert to float, normalise, and lay out as (B, bands, frames)."""
+        """In-memory mode: gather the batch's crops on its device and normalise them there."""
         if "x" not in batch:
-            batch["x"] = self.gather(batch["row"], batch["start"])
-        x = (batch["x"].float() - self.mean) / self.std
-        if "valid" in batch:  # a crop of a short track: its padding stays at zero after normalising
-            keep = torch.arange(x.shape[1], device=x.device)[None, :] < batch["valid"][:, None]
-            x = x * keep[:, :, None]
-        batch["x"] = x.transpose(1, 2).contiguous()
+            x16 = self.gather(batch["row"], batch["start"])
+            batch["x"] = normalised(x16, batch["valid"].cpu().numpy(), self.mean, self.std)
         return batch
 
     def gather(self, rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """In-memory mode: crops (B, L, bands) in one indexing operation on the batch's device."""
+        """Crops (B, L, bands) float16 from the in-RAM (or on-GPU) frames, one index_select."""
         assert self.store is not None
         device = rows.device
         if self._frames is None or self._frames.device != device:
@@ -368,7 +381,7 @@ class JamendoDataModule(pl.LightningDataModule):
         steps = torch.arange(self.input_length, device=device)
         last = self._offsets[rows] + self._lengths[rows] - 1
         idx = torch.minimum(self._offsets[rows, None] + starts[:, None] + steps, last[:, None])
-        return self._frames[idx]
+        return self._frames.index_select(0, idx.flatten()).view(len(rows), self.input_length, -1)
 
 
 def _subset(split: Split, keep: list[int]) -> Split:

@@ -1,0 +1,373 @@
+"""Training throughput of freqtag's Lightning + Hydra stack against a plain PyTorch loop.
+
+What is measured: training samples per second, one step = fetch the batch,
+gather the crops (in-memory mode), mixup, forward, loss, backward, gradient-norm
+clipping (0.25), SGD Nesterov step, on the CPU in 32-bit.
+
+- ``lightning``: the real stack. The run's config composed by Hydra from
+  ``conf/`` (``data=synthetic``, ``data.in_memory=true``, ``data.num_workers=0``,
+  ``trainer.precision=32-true``), the DataModule, network, loss and
+  ``TaggingModule`` built from it as ``freqtag.training.run`` builds them, and a
+  real ``pl.Trainer(...).fit`` (from ``conf/trainer``; logger, checkpointing,
+  progress bar, validation and the SWA callback switched off: they act at
+  epoch ends, not per step).
+- ``plain``: the reference's way. The same network class (``FreqTagNet``, same
+  init seed) and loss, ``torch.optim.SGD`` and a hand-written loop: for each
+  batch: mixup (lam ~ Beta(0.2, 0.2), random permutation), forward, loss,
+  ``zero_grad``, ``backward``, ``clip_grad_norm_(0.25)``, ``step``,
+  ``loss.item()``; the cosine schedule stepped per epoch. It reads the SAME
+  batches from the same in-memory DataModule loader (same crops, same gather
+  and normalisation), so data loading is identical on both sides and the
+  difference is the training framework alone.
+
+Why: the issue asks that Lightning + Hydra cost nothing measurable. Hydra's
+cost is one-off (composing and instantiating: reported as ``setup_s``, outside
+the timed steps); Lightning's would show per step. Each block (one method, one
+shape) starts from a fresh network and optimizer, runs ``--warmup`` untimed
+steps, then ``--steps`` timed ones; a step's time runs from the end of the
+previous step to the end of this one (``on_train_batch_end`` in Lightning).
+Blocks alternate (lightning/plain, then plain/lightning, ...) over ``--rounds``
+rounds to spread drift. The overhead is reported with a standard error, and
+called measurable when it exceeds twice that.
+
+    python bench/train_step.py [--steps 6] [--warmup 1] [--rounds 2] [--models freq_dep [convs]]
+                               [--shapes mel128:224 mel96:128] [--out bench/results/train_step.json]
+
+Data: the synthetic demo datasets ``<data dir>/synthetic/<features>-n<tracks>-s0``
+(made on first use; data dir: $FREQTAG_DATA_DIR or ./data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import freqtag
+from freqtag.data import JamendoDataModule
+from freqtag.features import FeatureSpec
+from freqtag.losses import WeightedBCELoss
+from freqtag.model import FILTERS, FreqTagNet
+from freqtag.module import TaggingModule
+from freqtag.training import build_loss, build_net, resolve_precision
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("lightning", "plain")
+INIT_SEED = 1234  # both methods start from the same weights
+
+
+@dataclass
+class Block:
+    """The timed steps of one method on one configuration, over all rounds."""
+
+    step_s: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    setup_s: list[float] = field(default_factory=list)
+
+    def add(self, ends: list[float], sizes: list[int], warmup: int, setup: float) -> None:
+        if len(ends) <= warmup:
+            raise RuntimeError(f"only {len(ends)} steps ran, {warmup} of them warm-up")
+        self.step_s += [b - a for a, b in zip(ends[warmup - 1 : -1], ends[warmup:])]
+        self.samples += sizes[warmup:]
+        self.setup_s.append(setup)
+
+    def summary(self) -> dict[str, Any]:
+        ms = [1000 * s for s in self.step_s]
+        return {
+            "samples_per_s": round(sum(self.samples) / sum(self.step_s), 3),
+            "step_ms_mean": round(statistics.fmean(ms), 1),
+            "step_ms_median": round(statistics.median(ms), 1),
+            "step_ms_stdev": round(statistics.stdev(ms), 1) if len(ms) > 1 else None,
+            "steps": len(ms),
+            "samples": sum(self.samples),
+            "setup_s": [round(s, 3) for s in self.setup_s],
+            "step_ms": [round(v, 1) for v in ms],
+        }
+
+
+# --------------------------------------------------------------------- config
+
+
+def config(features: str, length: int, model: str, args: argparse.Namespace, out: Path) -> DictConfig:
+    """The run's config as `python train.py` would compose it, with the bench's overrides."""
+    overrides = [
+        "data=synthetic", f"features={features}", f"model={model}", "loss=weighted",
+        f"data.input_length={length}", f"data.batch_size={args.batch_size}",
+        "data.in_memory=true", "data.num_workers=0",
+        f"data.synthetic.tracks={args.tracks}", "data.synthetic.seed=0",
+        "trainer.accelerator=cpu", "trainer.precision=32-true",
+    ]
+    with initialize_config_module("freqtag.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):  # what the hydra:runtime resolvers would give inside `train.py`
+        cfg.paths.data_dir = str(args.data_dir)
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+# ------------------------------------------------------------------ lightning
+
+
+class StepTimer(pl.Callback):
+    """perf_counter at the end of every training batch (after the optimizer step) and the batch size."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.sizes: list[int] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.ends.append(time.perf_counter())
+        self.sizes.append(len(batch["y"]))
+
+
+def lightning_block(features: str, length: int, model: str, dm: JamendoDataModule, args: argparse.Namespace,
+                    out: Path) -> tuple[list[float], list[int], float]:
+    """Hydra compose + instantiate (as freqtag.training.run does) and Trainer.fit for warmup + steps steps."""
+    t0 = time.perf_counter()
+    cfg = config(features, length, model, args, out)
+    torch.manual_seed(INIT_SEED)
+    net = build_net(cfg.model)
+    module = TaggingModule(net, build_loss(cfg.loss, dm), **cfg.optim, mixup_alpha=cfg.mixup_alpha, seed=cfg.seed)
+    timer = StepTimer()
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        precision=resolve_precision(cfg.trainer.precision),
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        max_steps=args.warmup + args.steps,
+    )
+    setup = time.perf_counter() - t0
+    trainer.fit(module, datamodule=dm)
+    return timer.ends, timer.sizes, setup
+
+
+# ---------------------------------------------------------------------- plain
+
+
+def plain_block(n_mels: int, length: int, model: str, dm: JamendoDataModule, args: argparse.Namespace,
+                hp: dict[str, Any]) -> tuple[list[float], list[int], float]:
+    """The reference's loop over the same batches: mixup, forward, loss, backward, clip, step.
+
+    ``hp``: the numbers of the recipe (optim, mixup_alpha, gradient_clip_val, max_epochs) read from the
+    composed config, so that both methods train with the same settings.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(INIT_SEED)
+    net = FreqTagNet(n_mels, length, n_tags=len(dm.tags), filters=model)
+    criterion = WeightedBCELoss(dm.positive_rates())
+    opt = torch.optim.SGD(net.parameters(), lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"],
+                          weight_decay=hp["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp["max_epochs"], eta_min=0.0)
+    alpha, clip = hp["mixup_alpha"], hp["gradient_clip_val"]
+    total = args.warmup + args.steps
+    loader = dm.train_dataloader()
+    setup = time.perf_counter() - t0
+    net.train()
+    ends: list[float] = []
+    sizes: list[int] = []
+    epoch = 0
+    while len(ends) < total:
+        loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        running = 0.0
+        for batch in loader:
+            batch = dm.on_after_batch_transfer(batch, 0)
+            x, y = batch["x"], batch["y"].float()
+            lam = float(np.random.beta(alpha, alpha))
+            perm = torch.randperm(len(x))
+            x = lam * x + (1 - lam) * x[perm]
+            logits = net(x).squeeze(-1)
+            loss = lam * criterion(logits, y) + (1 - lam) * criterion(logits, y[perm])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            opt.step()
+            running += loss.item()
+            ends.append(time.perf_counter())
+            sizes.append(len(y))
+            if len(ends) == total:
+                break
+        sched.step()
+        epoch += 1
+    return ends, sizes, setup
+
+
+# ---------------------------------------------------------------------- report
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "pytorch_lightning": pl.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "freqtag": freqtag.__version__,
+    }
+
+
+def compare(lt: Block, pt: Block) -> dict[str, Any]:
+    """Lightning's extra time per step, with its standard error (step times taken as independent)."""
+    lm, pm = statistics.fmean(lt.step_s), statistics.fmean(pt.step_s)
+    var = sum(statistics.variance(b.step_s) / len(b.step_s) for b in (lt, pt) if len(b.step_s) > 1)
+    se = math.sqrt(var)
+    over = lm - pm
+    ratio = (sum(lt.samples) / sum(lt.step_s)) / (sum(pt.samples) / sum(pt.step_s))
+    return {
+        "ratio_lightning_over_plain": round(ratio, 4),
+        "overhead_ms_per_step": round(1000 * over, 1),
+        "overhead_se_ms": round(1000 * se, 1),
+        "overhead_pct": round(100 * over / pm, 2),
+        "measurable": bool(se > 0 and abs(over) > 2 * se),
+    }
+
+
+def parse_shape(text: str) -> tuple[str, int]:
+    features, _, length = text.partition(":")
+    if features not in ("mel128", "mel96") or not length.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FEATURES:LENGTH, e.g. mel128:224 or mel96:128")
+    return features, int(length)
+
+
+def quiet() -> None:
+    """Lightning's start-up messages and the few-workers hint (num_workers=0 is on purpose here)."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*GPU available.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")  # Lightning 2.6 on torch 2.11
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per block (default 6)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every block (>= 1)")
+    parser.add_argument("--rounds", type=int, default=2, help="blocks per method and configuration, alternating order")
+    parser.add_argument("--models", nargs="+", default=["freq_dep"], choices=FILTERS)
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[("mel128", 224), ("mel96", 128)],
+                        metavar="FEATURES:LENGTH", help="default: mel128:224 mel96:128")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tracks", type=int, default=1000, help="tracks of the synthetic dataset (60%% train)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's default)")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FREQTAG_DATA_DIR", REPO / "data")))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_step.json")
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup, --steps and --rounds must be at least 1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    args.data_dir = args.data_dir.resolve()
+    quiet()
+
+    info = machine()
+    print(f"torch {info['torch']}, Lightning {info['pytorch_lightning']}, {info['torch_threads']} threads, "
+          f"{info['cpus_usable']} usable CPUs, {info['cpu']}, load average {info['load_avg_1_5_15']}")
+    print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per block, {args.rounds} rounds")
+
+    combos = [(model, features, length) for model in args.models for features, length in args.shapes]
+    blocks = {(c, m): Block() for c in combos for m in METHODS}
+    dms: dict[tuple[str, int], JamendoDataModule] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="freqtag-bench-") as tmp:
+        out = Path(tmp)
+        # One in-memory DataModule per shape, built from the composed config and shared by both methods.
+        for features, length in args.shapes:
+            cfg = config(features, length, args.models[0], args, out)
+            spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))  # type: ignore[arg-type]
+            dm: JamendoDataModule = instantiate(cfg.data, features=spec, _recursive_=False)
+            dm.prepare_data()
+            dm.check()
+            dms[(features, length)] = dm
+            hp = {**OmegaConf.to_container(cfg.optim), "mixup_alpha": float(cfg.mixup_alpha),  # type: ignore[dict-item]
+                  "gradient_clip_val": float(cfg.trainer.gradient_clip_val), "max_epochs": int(cfg.trainer.max_epochs)}
+            assert cfg.trainer.gradient_clip_algorithm == "norm"
+        for r in range(args.rounds):
+            for i, combo in enumerate(combos):
+                model, features, length = combo
+                dm = dms[(features, length)]
+                order = METHODS if (r + i) % 2 == 0 else METHODS[::-1]
+                for method in order:
+                    if method == "lightning":
+                        ends, sizes, setup = lightning_block(features, length, model, dm, args, out)
+                    else:
+                        ends, sizes, setup = plain_block(dm.spec.n_mels, length, model, dm, args, hp)
+                    blocks[(combo, method)].add(ends, sizes, args.warmup, setup)
+                    last = blocks[(combo, method)].step_s[-args.steps:]
+                    print(f"  round {r + 1} {model:8} {features}/{length:<4} {method:9} "
+                          f"{sum(sizes[args.warmup:]) / sum(last):7.2f} samples/s  "
+                          f"(step {1000 * statistics.fmean(last):7.0f} ms, setup {setup:.2f} s)", flush=True)
+    elapsed = time.perf_counter() - started
+
+    results = []
+    print(f"\n{'model':8} {'input':12} {'lightning/s':>11} {'plain/s':>9} {'ratio':>7} {'overhead ms/step':>20}")
+    for combo in combos:
+        model, features, length = combo
+        lt, pt = blocks[(combo, "lightning")], blocks[(combo, "plain")]
+        cmp = compare(lt, pt)
+        results.append({"model": model, "features": features, "n_mels": dms[(features, length)].spec.n_mels,
+                        "input_length": length, "lightning": lt.summary(), "plain": pt.summary(), **cmp})
+        print(f"{model:8} {features + '/' + str(length):12} {lt.summary()['samples_per_s']:11.2f} "
+              f"{pt.summary()['samples_per_s']:9.2f} {cmp['ratio_lightning_over_plain']:7.3f} "
+              f"{cmp['overhead_ms_per_step']:+9.1f} ± {cmp['overhead_se_ms']:.1f} "
+              f"({cmp['overhead_pct']:+.1f}%{', measurable' if cmp['measurable'] else ''})")
+    print("ratio = Lightning+Hydra samples/s over plain samples/s (1 = no cost); ± is one standard error")
+    print(f"total {elapsed:.0f} s")
+
+    result = {
+        "bench": "train_step",
+        "machine": {**info, "load_avg_end": [round(v, 2) for v in os.getloadavg()]},
+        "settings": {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                     "tracks": args.tracks, "precision": "32-true", "loss": "weighted", "recipe": hp,
+                     "in_memory": True, "num_workers": 0, "seconds": round(elapsed, 1)},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_name(args.out.name + ".tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp_out, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
