@@ -27,6 +27,7 @@ bench: install
 	$(BIN)/python bench/freqconv.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/prepare.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
