@@ -18,18 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from freqtag.model import FreqDepConv
+from machine import cpu_name  # bench/machine.py, beside this script
 
 # (features, n_mels, input_length): the freq_dep layers' shapes follow from these.
 CONFIGS = [("mel128", 128, 224), ("mel96", 96, 128)]
@@ -169,14 +168,6 @@ def totals(rows: list[dict]) -> list[dict]:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,12 +65,10 @@ import json
 import math
 import mmap
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -78,12 +76,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-import freqtag
 from freqtag.data import CropSampler, JamendoDataModule
 from freqtag.features import FeatureSpec
 from freqtag.jamendo import TAGS_FILE
 from freqtag.store import FeatureStore
 from freqtag.synthetic import SPLIT_FRACTIONS, synthesize
+from machine import machine  # bench/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # same float16 values, float32 arithmetic on both sides: only rounding may differ
@@ -321,30 +319,8 @@ def compare(kept: dict[str, list[Batch]]) -> dict[str, Any]:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "freqtag": freqtag.__version__,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,14 +44,12 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +60,13 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import freqtag
 from freqtag.data import JamendoDataModule
 from freqtag.features import FeatureSpec
 from freqtag.losses import WeightedBCELoss
 from freqtag.model import FILTERS, FreqTagNet
 from freqtag.module import TaggingModule
 from freqtag.training import build_loss, build_net, resolve_precision
+from machine import machine  # bench/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("lightning", "plain")
@@ -219,31 +217,8 @@ def plain_block(n_mels: int, length: int, model: str, dm: JamendoDataModule, arg
 # ---------------------------------------------------------------------- report
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "pytorch_lightning": pl.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "freqtag": freqtag.__version__,
-    }
 
 
 def compare(lt: Block, pt: Block) -> dict[str, Any]:
@@ -299,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args.data_dir = args.data_dir.resolve()
     quiet()
 
-    info = machine()
+    info = {**machine(), "pytorch_lightning": pl.__version__}
     print(f"torch {info['torch']}, Lightning {info['pytorch_lightning']}, {info['torch_threads']} threads, "
           f"{info['cpus_usable']} usable CPUs, {info['cpu']}, load average {info['load_avg_1_5_15']}")
     print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per block, {args.rounds} rounds")

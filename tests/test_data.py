@@ -10,7 +10,7 @@ import torch
 
 from freqtag.data import CropSampler, DataError, JamendoDataModule
 from freqtag.features import FeatureSpec
-from freqtag.jamendo import MOODTHEME_TAGS, SPLITS, TAGS_FILE, split_file, write_split
+from freqtag.jamendo import MOODTHEME_TAGS, TAGS_FILE, split_file, write_split
 from freqtag.store import StoreWriter
 
 SPEC = FeatureSpec.load("mel96")
