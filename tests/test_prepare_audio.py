@@ -11,7 +11,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import soundfile as sf
@@ -22,6 +21,7 @@ from freqtag.audio import features_from_file
 from freqtag.features import FeatureSpec
 from freqtag.prepare import CRASH_REASON, audio_jobs, build_store, load_audio, read_report, report_path
 from freqtag.store import FeatureStore
+from test_prepare import assert_same_store  # the same store-equality check as the npy import
 
 FREQTAG = str(Path(sys.executable).parent / "freqtag")
 MEL128 = FeatureSpec.load("mel128")
@@ -85,24 +85,6 @@ def audio_dir(tmp_path_factory: pytest.TempPathFactory, clips: Path) -> Path:
 
 def freqtag(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([FREQTAG, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def store_contents(path: Path) -> dict:
-    with h5py.File(path, "r") as f:
-        return {
-            "ids": [s.decode() for s in f["tracks/id"][()]],
-            "offset": f["tracks/offset"][()].tolist(),
-            "length": f["tracks/length"][()].tolist(),
-            "features": f["features"][()],
-            "attrs": {k: f.attrs[k] for k in f.attrs},
-        }
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    x, y = store_contents(a), store_contents(b)
-    assert x["ids"] == y["ids"] and x["offset"] == y["offset"] and x["length"] == y["length"]
-    np.testing.assert_array_equal(x["features"], y["features"])
-    assert x["attrs"] == y["attrs"]
 
 
 @pytest.fixture(scope="module")
