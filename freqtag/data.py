@@ -8,7 +8,6 @@ Workers only read bytes: a crop is one contiguous read from the store.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -79,14 +78,17 @@ class CropSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order, starts = self.crops()
-        for b in range(0, len(order), self.batch_size):
-            items = order[b : b + self.batch_size]
-            first = starts[b : b + self.batch_size]
+        for b in range(0, len(self), 1):
+            items = order[b * self.batch_size : (b + 1) * self.batch_size]
+            first = starts[b * self.batch_size : (b + 1) * self.batch_size]
             share = slice(self.rank, None, self.world_size)
             yield list(zip(items[share].tolist(), first[share].tolist()))
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        """Batches per epoch; a last batch too small to give every rank a crop is left out."""
+        n = len(self.lengths)
+        full, rest = divmod(n, self.batch_size)
+        return full + (rest >= self.world_size)
 
 
 def normalised(x16: torch.Tensor, valid: np.ndarray | None, mean: float, std: float) -> torch.Tensor:
@@ -142,6 +144,7 @@ class CropDataset(Dataset):
         L = self.input_length
         valid = np.minimum(self.store.lengths[rows] - starts, L)
         out = {
+            "item": torch.from_numpy(items),
             "row": torch.from_numpy(rows),
             "start": torch.from_numpy(starts),
             "valid": torch.from_numpy(valid),
@@ -340,9 +343,12 @@ class JamendoDataModule(pl.LightningDataModule):
         d = self.splits[split]
         return CropDataset(self.store, d.rows, d.split.labels, self.input_length, in_memory=self.in_memory)
 
-    def crop_loader(self, split: str, shuffle: bool, centre: bool = False, epoch: int | None = None) -> DataLoader:
+    def crop_loader(
+        self, split: str, shuffle: bool, centre: bool = False, epoch: int | None = None, all_ranks: bool = False
+    ) -> DataLoader:
+        """Crops of a split, this rank's share of every global batch (``all_ranks``: the whole batches)."""
         ds = self.crop_dataset(split)
-        rank, world = self._rank()
+        rank, world = (0, 1) if all_ranks else self._rank()
         sampler = CropSampler(ds.lengths(), self.input_length, self.batch_size, self.seed + SPLITS.index(split),
                               shuffle=shuffle, centre=centre, rank=rank, world_size=world)
         if epoch is not None:

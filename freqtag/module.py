@@ -40,6 +40,7 @@ class TaggingModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["net", "loss"])
         self.net = net
         self.loss = loss
+        self._val_items: list[torch.Tensor] = []
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
 
@@ -72,7 +73,7 @@ class TaggingModule(pl.LightningModule):
                 f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step}; "
                 f"the last good checkpoint is kept in checkpoints/last.ckpt"
             )
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
 
     # -- the cheap per-epoch check: centre crops of the validation tracks ----
@@ -80,24 +81,36 @@ class TaggingModule(pl.LightningModule):
         logits = self.net(batch["x"]).squeeze(-1).float()
         y = batch["y"]
         self.log("val/crop_loss", self.loss(logits, y.float()), on_epoch=True, batch_size=len(y), sync_dist=True)
+        self._val_items.append(batch["item"].detach())
         self._val_probs.append(torch.sigmoid(logits).detach())
         self._val_targets.append(y.detach())
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_probs:
             return
-        probs = self.all_gather(torch.cat(self._val_probs)).reshape(-1, self._val_probs[0].shape[-1])
-        targets = self.all_gather(torch.cat(self._val_targets)).reshape(probs.shape)
+        # each rank scored its own tracks: put them in their rows and sum over ranks (uneven shares are fine)
+        n = len(self.trainer.val_dataloaders.dataset)
+        items = torch.cat(self._val_items).long()
+        probs = torch.zeros(n, self._val_probs[0].shape[-1], device=self.device, dtype=torch.float32)
+        targets = torch.zeros_like(probs)
+        seen = torch.zeros(n, device=self.device, dtype=torch.float32)
+        probs[items] = torch.cat(self._val_probs)
+        targets[items] = torch.cat(self._val_targets).float()
+        seen[items] = 1.0
+        self._val_items.clear()
         self._val_probs.clear()
         self._val_targets.clear()
+        probs, targets, seen = (self.trainer.strategy.reduce(t, reduce_op="sum") for t in (probs, targets, seen))
         if self.trainer.sanity_checking:
             return
+        keep = seen > 0
         try:
-            scores = tagging_scores(probs.cpu(), targets.cpu())
+            scores = tagging_scores(probs[keep].cpu(), targets[keep].cpu())
         except ValueError:  # a tag with no positive among the crops seen (tiny sanity runs)
             return
-        self.log("val/crop_pr_auc", scores["pr_auc"], prog_bar=True, rank_zero_only=True)
-        self.log("val/crop_roc_auc", scores["roc_auc"], prog_bar=True, rank_zero_only=True)
+        # the same figures on every rank (computed from the summed rows): sync_dist only marks them as global
+        self.log("val/crop_pr_auc", scores["pr_auc"], prog_bar=True, sync_dist=True)
+        self.log("val/crop_roc_auc", scores["roc_auc"], prog_bar=True, sync_dist=True)
 
     # -- optimisation -------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from .features import FeatureSpec
 from .metrics import best_f1_thresholds, tagging_scores
 from .module import TaggingModule, track_probabilities
 from .swa import SWA, recompute_batchnorm
+from .tracking import build_logger, finish_wandb, log_final
 
 __all__ = ["run", "main", "build_net", "atomic_save", "AtomicCheckpointIO", "evaluate_tracks", "FINAL_KEYS"]
 
@@ -79,21 +80,40 @@ def resolve_precision(precision: str | int) -> str | int:
     return precision
 
 
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if distributed() else 0
+
+
 @torch.no_grad()
 def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: torch.device) -> np.ndarray:
-    """Whole-track probabilities (N, n_tags) in split-TSV order, one track per forward pass."""
+    """Whole-track probabilities (N, n_tags) in split-TSV order, one track per forward pass.
+
+    Under DDP each rank scores its own tracks (never a repeat) and the rows are
+    summed over the ranks, so every rank returns every track exactly once.
+    """
     net.eval().to(device)
     loader = dm.track_loader(split)
     n = len(dm.splits[split].rows)
-    probs = np.zeros((n, len(dm.tags)), dtype=np.float32)
+    probs = torch.zeros((n, len(dm.tags)), dtype=torch.float32, device=device)
+    seen = torch.zeros(n, dtype=torch.int32, device=device)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         batch = dm.on_after_batch_transfer(batch, 0)
         with autocast:
-            p = track_probabilities(net, batch["x"])
-        probs[batch["item"].cpu().numpy()] = p.cpu().numpy()
-    return probs
+            probs[batch["item"]] = track_probabilities(net, batch["x"])
+        seen[batch["item"]] += 1
+    if distributed():
+        torch.distributed.all_reduce(probs)
+        torch.distributed.all_reduce(seen)
+    if not bool((seen == 1).all()):
+        twice, never = int((seen > 1).sum()), int((seen == 0).sum())
+        raise RuntimeError(f"{split}: {twice} tracks scored more than once and {never} never; the evaluation is wrong")
+    return probs.cpu().numpy()
 
 
 def save_predictions(path: Path, track_ids: tuple[str, ...], tags: list[str], probs: np.ndarray, targets: np.ndarray) -> None:
@@ -110,17 +130,26 @@ def save_predictions(path: Path, track_ids: tuple[str, ...], tags: list[str], pr
     os.replace(tmp, path)
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
 def finalize(module: TaggingModule, dm: JamendoDataModule, swa: SWA, device: torch.device, max_epochs: int) -> None:
-    """SWA weights into the network, then BatchNorm statistics from one pass over train crops (no mixup)."""
+    """SWA weights into the network, then BatchNorm statistics from one pass over train crops (no mixup).
+
+    Under DDP every rank holds the same average and makes the same pass over
+    whole global batches (the single-process result); rank 0's weights and
+    statistics are then broadcast so that all ranks hold one model, bit for bit.
+    """
     swa.apply(module)
     module.net.to(device)
-    loader = dm.crop_loader("train", shuffle=True, epoch=max_epochs)
+    loader = dm.crop_loader("train", shuffle=True, epoch=max_epochs, all_ranks=True)
 
     def batches():
         for batch in loader:
@@ -128,6 +157,9 @@ def finalize(module: TaggingModule, dm: JamendoDataModule, swa: SWA, device: tor
             yield dm.on_after_batch_transfer(batch, 0)["x"]
 
     recompute_batchnorm(module.net, batches())
+    if distributed():
+        for t in module.net.state_dict().values():
+            torch.distributed.broadcast(t, src=0)
 
 
 def final_checkpoint(module: TaggingModule, cfg: DictConfig, dm: JamendoDataModule) -> dict[str, Any]:
@@ -173,41 +205,69 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     swa = next((c for c in callbacks.values() if isinstance(c, SWA)), None)
     if swa is None:
         raise ValueError("callbacks.swa is missing: the final model is the SWA model (see REFERENCE.md)")
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision),
         callbacks=list(callbacks.values()),
-        logger=logger,
+        logger=build_logger(cfg),
         plugins=[AtomicCheckpointIO()],
     )
+    check_launch(trainer)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
-    device = torch.device("cuda" if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else "cpu")
+    device = trainer.strategy.root_device
     finalize(module, dm, swa, device, trainer.max_epochs)
-    atomic_save(final_checkpoint(module, cfg, dm), out / "checkpoints" / "final.ckpt")
+    writer = rank() == 0  # under DDP every rank evaluates its share; rank 0 writes the run directory
+    final = out / "checkpoints" / "final.ckpt"
+    if writer:
+        atomic_save(final_checkpoint(module, cfg, dm), final)
 
     metrics: dict[str, dict[str, float]] = {}
     for split in ("validation", "test"):
         d = dm.splits[split]
         probs = evaluate_tracks(module.net, dm, split, device)
-        save_predictions(out / "predictions" / f"{split}.npz", d.split.track_ids, dm.tags, probs, d.split.labels)
         metrics[split] = tagging_scores(probs, d.split.labels)
+        if not writer:
+            continue
+        save_predictions(out / "predictions" / f"{split}.npz", d.split.track_ids, dm.tags, probs, d.split.labels)
         if split == "validation":
             thresholds = best_f1_thresholds(probs, d.split.labels)
-            (out / "checkpoints" / "thresholds.tsv").write_text(
-                "".join(f"{t}\t{th:.8f}\n" for t, th in zip(dm.tags, thresholds))
-            )
+            write_text(final.with_name("thresholds.tsv"), "".join(f"{t}\t{th:.8f}\n" for t, th in zip(dm.tags, thresholds)))
+    if not writer:
+        return metrics
     prefix = {"validation": "val", "test": "test"}
     flat = {f"{prefix[s]}/{k}": v for s, m in metrics.items() for k, v in m.items()}
     if trainer.logger is not None:
         trainer.logger.log_metrics(flat, step=trainer.global_step)
         trainer.logger.save()
+        log_final(trainer.logger, cfg, flat, final)
     write_json(out / "metrics.json", {**metrics, "epochs": trainer.current_epoch, "seconds": round(time.time() - start, 1)})
     print_scores(metrics, f"{cfg.model.filters} / {spec.name} / L={dm.input_length} / {Path(str(cfg.loss._target_)).suffix[1:]}: {out}")
     return metrics
 
 
+def check_launch(trainer: pl.Trainer) -> None:
+    """Refuse a multirun whose jobs would spawn DDP ranks by re-running the script (each rank a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if trainer.world_size <= 1 or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is not None and env.creates_processes_externally:
+        return  # SLURM (submitit) or torchrun started the ranks: fine
+    raise ValueError(
+        f"trainer.devices={trainer.num_devices} in a multirun: Lightning would start each rank by re-running "
+        f"the whole sweep. Run grids with one device per job (hydra/launcher=joblib_gpu), or one SLURM job per "
+        f"run whose tasks are the ranks (hydra/launcher=submitit_slurm)"
+    )
+
+
 @hydra.main(config_path="pkg://freqtag.conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except BaseException:
+        finish_wandb(failed=True)
+        raise
+    finish_wandb(failed=False)
