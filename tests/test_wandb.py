@@ -1,0 +1,126 @@
+"""logger=wandb offline: the run's records read back from its .wandb file (config, summary, name, group, exit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pb = pytest.importorskip("wandb.proto.wandb_internal_pb2", reason="wandb is not installed")
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "experiment=demo",
+    "data.synthetic.tracks=300",
+    "data.input_length=32",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.limit_val_batches=2",
+    "logger=wandb",
+]
+BLOCK = 32768  # W&B's transaction log: LevelDB-style blocks of length-prefixed chunks after a 7-byte header
+
+
+def records(path: Path) -> list:
+    """Every record of an offline run file, decoded (no W&B server, no private API)."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, chunks, out = 7, [], []
+    while pos + 7 <= len(data):
+        room = BLOCK - pos % BLOCK
+        if room < 7:  # a block's tail too short for a chunk header is padding
+            pos += room
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if length == 0 and kind == 0:
+            break
+        chunks.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(b"".join(chunks))
+            out.append(record)
+            chunks = []
+    return out
+
+
+def offline_run(run_dir: Path) -> dict:
+    """What a W&B run recorded: run fields, config keys, the final summary, artifacts, exit code."""
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    out: dict = {"summary": {}, "history": {}, "artifacts": [], "exit": None}
+    key = lambda u: u.key or "/".join(u.nested_key)  # noqa: E731
+    for r in records(path):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out.update(name=r.run.display_name, group=r.run.run_group, job_type=r.run.job_type, tags=list(r.run.tags),
+                       config={u.key: json.loads(u.value_json) for u in r.run.config.update})
+        elif kind == "summary":
+            out["summary"].update({key(u): json.loads(u.value_json) for u in r.summary.update})
+        elif kind == "history":
+            for u in r.history.item:
+                out["history"].setdefault(key(u), []).append(json.loads(u.value_json))
+        elif kind == "artifact":
+            out["artifacts"].append((r.artifact.type, sorted(m.path for m in r.artifact.manifest.contents)))
+        elif kind == "exit":
+            out["exit"] = r.exit.exit_code
+    return out
+
+
+def train(tmp: Path, *args: str, mode: str = "offline") -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": mode, "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("wandb-data")
+
+
+def test_offline_run_holds_config_summary_and_checkpoint(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    res = train(tmp_path, *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+                "logger.log_final_checkpoint=true", "loss=bce")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = offline_run(run_dir)
+    assert run["exit"] == 0 and run["job_type"] == "train" and run["group"] == ""
+    # named after what the run is (where it lives, and how it is logged, left out)
+    assert run["name"] == "experiment=demo,data.synthetic.tracks=300,data.input_length=32,data.batch_size=16," \
+                          "trainer.max_epochs=2,trainer.limit_val_batches=2,loss=bce"
+    assert "loss=bce" in run["tags"] and not any(t.startswith(("paths.", "hydra.")) for t in run["tags"])
+    cfg = run["config"]  # the resolved config, every group
+    assert cfg["model"]["filters"] == "freq_dep" and cfg["loss"]["_target_"].endswith("BCELoss")
+    assert cfg["data"]["input_length"] == 32 and cfg["optim"]["lr"] == 0.5
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        for key in ("pr_auc", "roc_auc", "pr_auc_micro", "roc_auc_micro"):
+            assert run["summary"][f"{prefix}/{key}"] == pytest.approx(metrics[split][key], abs=1e-12)
+    assert [len(run["history"][k]) for k in ("train/loss", "val/crop_loss", "lr-SGD")] == [2, 2, 2]  # per-epoch curves
+    assert run["history"]["lr-SGD"] == [0.5, 0.25]  # the cosine schedule, per epoch
+    assert ("model", ["final.ckpt", "thresholds.tsv"]) in run["artifacts"]
+
+
+def test_multirun_finishes_each_job_and_marks_the_failed_one(data_dir, tmp_path):
+    """Two jobs in one process: each gets its own W&B run; the job whose loss went NaN ends failed."""
+    sweep = tmp_path / "sweep"
+    res = train(tmp_path, "-m", *SMALL, "trainer.max_epochs=1", f"paths.data_dir={data_dir}",
+                f"hydra.sweep.dir={sweep}", "optim.lr=0.5,nan")
+    assert res.returncode != 0 and "non-finite training loss" in res.stderr
+    good, bad = offline_run(sweep / "0"), offline_run(sweep / "1")
+    assert good["exit"] == 0 and bad["exit"] == 1
+    assert good["group"] == bad["group"] == f"{sweep.parent.name}/{sweep.name}"
+    assert good["name"].endswith("optim.lr=0.5") and bad["name"].endswith("optim.lr=nan")
+    assert "test/roc_auc" in good["summary"] and "test/roc_auc" not in bad["summary"]
+
+
+def test_disabled_mode_trains_and_writes_no_run(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    res = train(tmp_path, *SMALL, "trainer.max_epochs=1", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+                mode="disabled")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run_dir / "metrics.json").is_file()
+    assert not list(run_dir.glob("wandb/offline-run-*"))
