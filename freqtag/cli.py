@@ -240,6 +240,9 @@ def run_summary(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------- registrations
 
+from .ensemble import add_ensemble_parser, run_ensemble  # noqa: E402  (numpy only: --help stays instant)
+from .submission import add_evaluate_parser, run_evaluate  # noqa: E402
+
 # name -> (add parser, run). Later subcommands (summary, predict, ensemble, ...)
 # add one line here and their two functions above.
 COMMANDS: dict[str, tuple[AddParser, Runner]] = {
@@ -247,6 +250,8 @@ COMMANDS: dict[str, tuple[AddParser, Runner]] = {
     "info": (add_info_parser, run_info),
     "synth": (add_synth_parser, run_synth),
     "summary": (add_summary_parser, run_summary),
+    "ensemble": (add_ensemble_parser, run_ensemble),
+    "evaluate": (add_evaluate_parser, run_evaluate),
 }
 
 
