@@ -259,7 +259,7 @@ def check_launch(trainer: pl.Trainer) -> None:
     raise ValueError(
         f"trainer.devices={trainer.num_devices} in a multirun: Lightning would start each rank by re-running "
         f"the whole sweep. Run grids with one device per job (hydra/launcher=joblib_gpu), or one SLURM job per "
-        f"run whose tasks are the ranks (hydra/launcher=submitit_slurm)"
+        f"run whose tasks are the ranks (hydra/launcher=slurm)"
     )
 
 
