@@ -97,8 +97,12 @@ def format_results(results: dict[str, float]) -> str:
 
 
 def format_thresholds(tags: Sequence[str], thresholds: np.ndarray) -> str:
-    """``tag<TAB>threshold`` lines, the layout of a run's checkpoints/thresholds.tsv."""
-    return "".join(f"{t}\t{th:.8f}\n" for t, th in zip(tags, thresholds))
+    """``tag<TAB>threshold`` lines (a run's checkpoints/thresholds.tsv layout), at full precision.
+
+    A threshold is one of the scores; rounded, it could rise above that score
+    and ``probs >= threshold`` would no longer give the written decisions.
+    """
+    return "".join(f"{t}\t{float(th)!r}\n" for t, th in zip(tags, thresholds))
 
 
 def read_thresholds(path: str | Path, tags: Sequence[str] | None = None) -> np.ndarray:
@@ -162,9 +166,13 @@ def write_submission(
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise SubmissionError(f"{path}: not a readable .npy {what} matrix ({e})") from None
+    if not isinstance(data, np.ndarray):  # an .npz archive
+        data.close()
+        raise SubmissionError(f"{path}: not a readable .npy {what} matrix (it is an .npz archive)")
+    return data
 
 
 def load_predictions(path: str | Path) -> dict[str, np.ndarray]:

@@ -1,0 +1,156 @@
+"""The ablation grid config and the launchers: 24 jobs of the paper recipe, one GPU per joblib worker, SLURM."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from freqtag.gpu_pool import GPUPoolError, claim_gpu, gpu_count, lock_dir, pinned_gpu
+
+GRID = {
+    "model": ["convs", "freq_dep"],
+    "features": ["mel96", "mel128"],
+    "data.input_length": ["128", "224"],
+    "loss": ["bce", "weighted", "focal"],
+}
+
+
+def hydra_config(*overrides: str) -> DictConfig:
+    with initialize_config_module("freqtag.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def sweep_jobs(cfg: DictConfig, command_line: list[str]) -> list[list[str]]:
+    """The job override lists Hydra's basic sweeper makes from the config's params and the command line."""
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    parsed = OverridesParser.create().parse_overrides(params + command_line)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def test_ablation_sweeps_the_24_runs_of_table2():
+    cfg = hydra_config("experiment=ablation")
+    jobs = sweep_jobs(cfg, ["experiment=ablation"])
+    assert len(jobs) == 24
+    want = [
+        [f"{k}={v}" for k, v in zip(GRID, combo)] + ["experiment=ablation"]
+        for combo in itertools.product(*GRID.values())
+    ]
+    assert jobs == want  # exactly the swept values, in the sweeper's order, plus the command line
+
+
+def test_command_line_value_narrows_the_grid():
+    cfg = hydra_config("experiment=ablation")
+    jobs = sweep_jobs(cfg, ["experiment=ablation", "loss=weighted"])
+    assert len(jobs) == 8
+    assert all(j[3] == "loss=weighted" for j in jobs)
+
+
+@pytest.mark.parametrize("combo", [("convs", "mel96", "128", "bce"), ("freq_dep", "mel128", "224", "focal")])
+def test_every_job_is_the_paper_recipe(combo):
+    overrides = [f"{k}={v}" for k, v in zip(GRID, combo)]
+    cfg = hydra_config("experiment=ablation", *overrides)
+    paper = hydra_config("experiment=paper", *overrides)
+    for key in ("seed", "mixup_alpha", "optim", "data", "trainer", "callbacks", "model", "loss", "features"):
+        raw = (OmegaConf.to_container(c[key], resolve=False) if OmegaConf.is_config(c[key]) else c[key] for c in (cfg, paper))
+        assert next(raw) == next(raw), key
+    assert cfg.model.filters == combo[0] and cfg.features.name == combo[1] and cfg.data.input_length == int(combo[2])
+    assert cfg.optim == {"lr": 0.5, "momentum": 0.9, "nesterov": True, "weight_decay": 2.0e-5}
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.callbacks.swa.fraction, cfg.seed) == (32, 200, 0.2, 42)
+    data = OmegaConf.to_container(cfg.data, resolve=False)
+    assert data["_target_"] == "freqtag.data.JamendoDataModule" and "/mtg-jamendo/" in data["splits_dir"]
+
+
+def test_joblib_gpu_launcher_config():
+    cfg = hydra_config("experiment=ablation", "hydra/launcher=joblib_gpu")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert launcher.backend == "loky" and launcher.prefer == "processes"
+    # resolved per process: n_jobs in the launching process, the GPU in each worker
+    assert OmegaConf.to_yaml(launcher).count("${freqtag.gpu_count:}") == 1
+    env = OmegaConf.to_container(cfg.hydra.job.env_set, resolve=False)
+    assert env == {"CUDA_VISIBLE_DEVICES": "${freqtag.gpu:${hydra:sweep.dir}}"}
+    assert cfg.trainer.devices == 1  # the job sees one GPU
+
+
+def test_slurm_launcher_config():
+    cfg = hydra_config("experiment=ablation", "hydra/launcher=slurm", "hydra.launcher.partition=gpu")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
+    assert launcher.partition == "gpu" and launcher.timeout_min >= 24 * 60
+    assert launcher.array_parallelism >= 24
+
+
+# ------------------------------------------------------------- the GPU pool (on CPU)
+
+CLAIMER = (
+    "import sys; from freqtag.gpu_pool import pinned_gpu\n"
+    "print(pinned_gpu(sys.argv[1]), flush=True)\n"
+    "sys.stdin.read()\n"  # hold the GPU until the test closes our stdin
+)
+
+
+def start_claimer(pool: Path, visible: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
+    return subprocess.Popen([sys.executable, "-c", CLAIMER, str(pool)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+
+
+def test_concurrent_workers_get_distinct_gpus_and_a_dead_worker_frees_its_own(tmp_path):
+    pool = tmp_path / "sweep"
+    workers = [start_claimer(pool, "5,7,9") for _ in range(3)]
+    try:
+        got = [w.stdout.readline().strip() for w in workers]
+        assert sorted(got) == ["5", "7", "9"]  # one GPU each, mapped through CUDA_VISIBLE_DEVICES
+        assert sorted(p.name for p in lock_dir(pool).iterdir()) == ["gpu0.lock", "gpu1.lock", "gpu2.lock"]
+        # a fourth concurrent worker finds every GPU taken and says so (after its wait)
+        with pytest.raises(GPUPoolError, match="all 3 GPUs .* held by other jobs.*n_jobs"):
+            claim_gpu(pool, 3, wait_s=0.3)
+        # the worker holding "7" ends (however it ends, the kernel drops its lock): the next one gets "7"
+        freed = workers[got.index("7")]
+        freed.kill()
+        freed.wait()
+        late = start_claimer(pool, "5,7,9")
+        workers.append(late)
+        assert late.stdout.readline().strip() == "7"
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.stdin.close()
+                w.wait(timeout=10)
+            w.stdout.close()
+            w.stderr.close()
+
+
+def test_a_worker_keeps_its_gpu_from_job_to_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    first = pinned_gpu(tmp_path / "sweep")
+    # during a job Hydra sets CUDA_VISIBLE_DEVICES to the pinned GPU, and restores it after
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", first)
+    assert pinned_gpu(tmp_path / "sweep") == first
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert pinned_gpu(tmp_path / "sweep") == first == "2"
+    assert claim_gpu(tmp_path / "sweep", 2) == 0
+
+
+def test_resolvers_in_a_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    import freqtag.conf  # noqa: F401  (the configs package registers the resolvers)
+
+    cfg = OmegaConf.create({"n": "${freqtag.gpu_count:}", "gpu": f"${{freqtag.gpu:{tmp_path / 'other'}}}"})
+    assert cfg.n == 2 and cfg.gpu == "4"
+
+
+def test_no_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(GPUPoolError, match="no CUDA device is visible.*leave out hydra/launcher=joblib_gpu"):
+        gpu_count()
