@@ -199,7 +199,7 @@ def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def load_ground_truth(path: str | Path, tags_file: str | Path | None = None) -> dict[str, np.ndarray]:
-    """``targets`` (uint8 N x C) from a ground-truth .npy, or ``targets``, ``track_ids``, ``tags`` from a split TSV."""
+    """``targets`` (uint8 N x C) from a ground-truth .npy; with ``track_ids`` and ``tags`` from a split TSV or our .npz."""
     from .jamendo import find_tags_file, read_split, read_tags
 
     path = Path(path)
@@ -210,6 +210,11 @@ def load_ground_truth(path: str | Path, tags_file: str | Path | None = None) -> 
         if gt.ndim != 2 or not np.isin(gt, (0, 1)).all():
             raise SubmissionError(f"{path}: ground truth must be a 0/1 (tracks x tags) matrix, got {gt.dtype} {gt.shape}")
         return {"targets": gt.astype(np.uint8)}
+    if path.suffix == ".npz":  # another predictions file of ours: its targets
+        data = load_predictions(path)
+        return {k: data[k] for k in ("targets", "track_ids", "tags")}
+    if path.suffix != ".tsv":
+        raise SubmissionError(f"ground truth {path}: expected a 0/1 .npy matrix, a split .tsv or a predictions .npz")
     tags = read_tags(tags_file if tags_file is not None else find_tags_file(path.parent))
     split = read_split(path, tags)
     return {"targets": split.labels, "track_ids": np.array(split.track_ids, dtype=str), "tags": np.array(tags, dtype=str)}
@@ -254,7 +259,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if key in pred and key in truth and not np.array_equal(pred[key], truth[key]):
             i = int(np.flatnonzero(pred[key] != truth[key])[0])
             raise SubmissionError(
-                f"{args.predictions} and {source} differ in their {what} (row {i}: {pred[key][i]!r} vs {truth[key][i]!r})"
+                f"{args.predictions} and {source} differ in their {what} (row {i}: {str(pred[key][i])!r} vs {str(truth[key][i])!r})"
             )
     tags = [str(t) for t in (pred.get("tags") if "tags" in pred else truth.get("tags", []))] or None
     decisions = None

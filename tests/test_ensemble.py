@@ -134,6 +134,25 @@ def test_select_restricts_the_runs(known_runs, tmp_path):
     assert table["ensemble"]["runs"] == 2 and table["ensemble"]["validation_roc_auc"] == 0.5
 
 
+def test_a_key_some_runs_leave_unset(known_runs, tmp_path):
+    make_run(known_runs / "4", ["model=convs", "experiment=ablation"], {"validation": GOOD, "test": GOOD}, {"validation": T, "test": T})
+    res = freqtag("ensemble", known_runs, "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    table = read_table(tmp_path / "out" / "table.csv")
+    assert list(table) == ["model=convs", "model=freq_dep", "loss=bce", "loss=weighted", "loss=(default)", "ensemble"]
+    assert table["loss=(default)"]["runs"] == 1 and table["loss=(default)"]["test_roc_auc"] == 1
+
+
+def test_evaluate_our_npz(known_runs):
+    run = known_runs / "0" / "predictions"
+    res = freqtag("evaluate", run / "validation.npz")  # the targets are in the file
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[:2] == ["ROC-AUC-macro\t1.000000", "PR-AUC-macro\t1.000000"]
+    res = freqtag("evaluate", run / "validation.npz", run / "test.npz")
+    assert res.returncode == 1
+    assert "differ in their track ids (row 0: 'track_validation_0000' vs 'track_test_0000')" in res.stderr
+
+
 @pytest.mark.parametrize(("select", "message"), [
     ("features=mel96", "no run overrides 'features'; their override keys are: experiment, loss, model, paths.data_dir"),
     ("model=cnn", "no run has model=cnn; the runs have model=convs, freq_dep"),
