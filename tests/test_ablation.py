@@ -6,6 +6,7 @@ import itertools
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,13 @@ CLAIMER = (
 )
 
 
+@pytest.fixture(autouse=True)
+def local_locks(tmp_path, monkeypatch) -> None:
+    """Lock files under the test's own folder (the pool keeps them in the temp folder)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+
+
 def start_claimer(pool: Path, visible: str) -> subprocess.Popen[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
     return subprocess.Popen([sys.executable, "-c", CLAIMER, str(pool)], stdin=subprocess.PIPE,
@@ -154,3 +162,30 @@ def test_no_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(GPUPoolError, match="no CUDA device is visible.*leave out hydra/launcher=joblib_gpu"):
         gpu_count()
+
+
+@pytest.mark.slow
+def test_joblib_gpu_grid_pins_every_job_to_one_gpu(tmp_path):
+    """A real multirun through the joblib_gpu launcher on CPU, with two pretend GPUs "3" and "5".
+
+    Each job names its CSV log folder after the CUDA_VISIBLE_DEVICES it saw, so the
+    run directories show which GPU every job was pinned to.
+    """
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "-m", "experiment=demo",
+            "data.synthetic.tracks=300", "data.input_length=32", "data.batch_size=16", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "model=convs",
+            "loss=bce,weighted,focal", "logger.name=gpu${oc.env:CUDA_VISIBLE_DEVICES}", f"paths.data_dir={tmp_path / 'data'}",
+            "hydra/launcher=joblib_gpu", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5", "WANDB_MODE": "disabled"}
+    res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    pinned = {}
+    for job in range(3):
+        folders = [p.name for p in (sweep / str(job)).iterdir() if p.name.startswith("gpu")]
+        assert len(folders) == 1 and folders[0] in ("gpu3", "gpu5"), folders  # one GPU, never both
+        assert (sweep / str(job) / "predictions" / "test.npz").is_file()
+        pinned[job] = folders[0]
+    # one lock file per worker that ran jobs (two, unless one worker took them all): one GPU each
+    locks = sorted(p.name for p in lock_dir(sweep).iterdir())
+    assert locks in (["gpu0.lock"], ["gpu0.lock", "gpu1.lock"]) and len(set(pinned.values())) == len(locks)
