@@ -242,6 +242,8 @@ def run_summary(args: argparse.Namespace) -> int:
 
 from .ensemble import add_ensemble_parser, run_ensemble  # noqa: E402  (numpy only: --help stays instant)
 from .submission import add_evaluate_parser, run_evaluate  # noqa: E402
+from .predict import add_predict_parser, run_predict  # noqa: E402  (numpy/soundfile only; torch when run)
+from .export import add_export_parser, run_export  # noqa: E402
 
 # name -> (add parser, run). Later subcommands (summary, predict, ensemble, ...)
 # add one line here and their two functions above.
@@ -252,6 +254,8 @@ COMMANDS: dict[str, tuple[AddParser, Runner]] = {
     "summary": (add_summary_parser, run_summary),
     "ensemble": (add_ensemble_parser, run_ensemble),
     "evaluate": (add_evaluate_parser, run_evaluate),
+    "predict": (add_predict_parser, run_predict),
+    "export": (add_export_parser, run_export),
 }
 
 

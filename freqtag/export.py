@@ -1,0 +1,145 @@
+"""`freqtag export`: a checkpoint as a self-contained TorchScript or ONNX model plus a sidecar JSON.
+
+The exported model takes **raw** log-mel features, exactly as the checkpoint's
+recipe computes them (``freqtag.audio.features_from_file`` gives (frames,
+bands): transpose to (bands, frames)), shaped (batch, bands, frames) float32,
+and returns per-window probabilities (batch, windows, tags)
+(:class:`freqtag.tagger.RawMelTagger`): the train-split
+normalisation ``(x - mean) / std`` and the sigmoid are inside, so a user needs
+only the recipe. A window is ``input_length`` frames; the track's
+probabilities are the mean over the windows, as training's evaluation
+computes them. Inputs shorter than one window are padded inside the model (as
+the network does in training) for TorchScript; the ONNX graph is exported for
+``frames >= input_length`` (the sidecar's ``min_frames``): pad shorter input
+with the sidecar's ``mean`` (zero after normalisation) to ``min_frames``.
+
+The sidecar ``FILE.json`` holds the feature recipe, the tag list (output
+order), input_length, mean/std and the input/output layout; the ONNX file
+also carries it as metadata (``freqtag``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["export_checkpoint", "sidecar", "add_export_parser", "run_export", "EXPORT_FORMATS"]
+
+EXPORT_FORMATS = ("torchscript", "onnx")
+ONNX_OPSET = 18
+
+
+def sidecar(model: Any, fmt: str, file: Path) -> dict[str, Any]:
+    """Everything a user of the exported file needs besides the file itself."""
+    from . import __version__
+
+    return {
+        "format": fmt,
+        "file": file.name,
+        "checkpoint": str(model.path),
+        "input": {
+            "name": "mel",
+            "shape": ["batch", model.spec.n_mels, "frames"],
+            "dtype": "float32",
+            "kind": "raw log-mel features of the recipe in 'features' (NOT normalised: the model normalises)",
+            "min_frames": model.input_length if fmt == "onnx" else 1,
+        },
+        "output": {
+            "name": "probabilities",
+            "shape": ["batch", "windows", len(model.tags)],
+            "kind": "sigmoid probability per window of input_length frames; average over windows for a track",
+            "windows": "ceil(max(frames, input_length) / 32) // (input_length / 32)",
+        },
+        "features": model.spec.to_dict(),
+        "tags": list(model.tags),
+        "input_length": model.input_length,
+        "window_s": model.window_s,
+        "mean": model.mean,
+        "std": model.std,
+        "model": model.info.get("model"),
+        "freqtag_version": __version__,
+    }
+
+
+def _atomic(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> tuple[Path, Path]:
+    """Write the exported model to ``out`` and its sidecar to ``out + .json``; returns both paths."""
+    import torch
+
+    from .tagger import RawMelTagger, load_model
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--format {fmt}: use one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out)
+    model = load_model(ckpt, "cpu")
+    wrapper = RawMelTagger(model.net, model.mean, model.std, model.input_length).eval()
+    L, bands = model.input_length, model.spec.n_mels
+    example = torch.randn(2, bands, 3 * L + 17) * model.std + model.mean
+    meta = sidecar(model, fmt, out)
+    if fmt == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the short-input branch, handled by the wrapper
+            traced = torch.jit.trace(model.net, (example - model.mean) / model.std, check_trace=False)
+        wrapper.net = traced  # traced for any length >= input_length; the scripted wrapper pads shorter input
+        scripted = torch.jit.script(wrapper)
+        extra = {"freqtag.json": json.dumps(meta)}
+        _atomic(out, lambda p: torch.jit.save(scripted, str(p), _extra_files=extra))
+    else:
+        import onnx
+
+        frames = torch.export.Dim("frames", min=L)
+        batch = torch.export.Dim("batch", min=1)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(
+                wrapper, (example,), dynamo=True, input_names=["mel"], output_names=["probabilities"],
+                dynamic_shapes={"mel": {0: batch, 2: frames}}, opset_version=ONNX_OPSET, verbose=False,
+            )
+        proto = program.model_proto
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "freqtag", json.dumps(meta)
+        _atomic(out, lambda p: onnx.save_model(proto, str(p)))
+    side = out.with_name(out.name + ".json")
+    _atomic(side, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return out, side
+
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint as TorchScript or ONNX (raw log-mel in, window probabilities out)",
+        description="Export a trained checkpoint. The model takes RAW log-mel features (batch, bands, frames) of "
+        "the checkpoint's recipe (normalisation is inside) and returns per-window probabilities (batch, windows, "
+        "tags). The recipe, tag list and statistics go to OUT.json (and, for ONNX, the model's metadata).",
+    )
+    p.add_argument("--ckpt", required=True, help="a run directory or its checkpoints/final.ckpt")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", type=Path, required=True, help="the file to write, e.g. model.pt or model.onnx")
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .tagger import CheckpointError
+
+    try:
+        out, side = export_checkpoint(args.ckpt, args.format, args.out)
+    except CheckpointError as e:
+        print(f"freqtag export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format}) and {side}")
+    return 0

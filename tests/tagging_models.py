@@ -1,0 +1,48 @@
+"""Two tiny trained checkpoints (mel96 and mel128) for the tagging tests, trained once per test session.
+
+Composed from the real configs and shrunk as tests/test_training.py does; both
+test modules call :func:`trained_runs`, which trains into the session's base
+temporary folder the first time and reuses the runs after that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from omegaconf import open_dict
+
+from freqtag.training import run
+
+TINY = [
+    "experiment=demo",
+    "data.synthetic.tracks=300",
+    "data.input_length=32",
+    "data.batch_size=16",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "logger=csv",
+    "model=convs",
+]
+
+
+def train_tiny(out: Path, features: str) -> Path:
+    """A finished run directory (final.ckpt, thresholds.tsv, predictions) of a tiny model on synthetic data."""
+    with initialize_config_module("freqtag.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"features={features}"])
+    with open_dict(cfg):
+        cfg.paths.data_dir = str(out / f"data-{features}")
+        cfg.paths.output_dir = str(out / f"run-{features}")
+    run(cfg)
+    return out / f"run-{features}"
+
+
+def trained_runs(tmp_path_factory) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    """{"mel96": run dir, "mel128": run dir}, trained on first use in this session."""
+    base = tmp_path_factory.getbasetemp() / "tagging-models"
+    runs = {}
+    for features in ("mel96", "mel128"):
+        done = base / f"run-{features}" / "checkpoints" / "final.ckpt"
+        runs[features] = done.parent.parent if done.is_file() else train_tiny(base, features)
+    return runs
