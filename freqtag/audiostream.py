@@ -153,10 +153,12 @@ class BlockResampler:
         self.identity = orig_rate == new_rate
         if self.identity:
             return
-        self.transform = torchaudio.transforms.Resample(orig_rate, new_rate)
+        self.rates = (int(orig_rate), int(new_rate))
         g = math.gcd(orig_rate, new_rate)
         self.a, self.b = orig_rate // g, new_rate // g
-        self.width = int(self.transform.width)
+        # the kernel's reach, as torchaudio computes it (Resample's kernel is built in another dtype than
+        # functional.resample's, which the whole-file path uses: its outputs differ in the last bits)
+        self.width = int(torchaudio.transforms.Resample(orig_rate, new_rate).width)
         self.context = -(-self.width // self.a) * self.a  # whole input periods covering the kernel's reach
         self.segment = max(segment, 4 * (self.context + self.a))
         self.buffer = np.zeros(0, dtype=np.float32)
@@ -165,8 +167,11 @@ class BlockResampler:
         self.n_in = 0
 
     def _run(self, x: np.ndarray) -> np.ndarray:
+        import torchaudio
+
+        # one thread, as freqtag.audio.resample: then a segment's outputs equal the whole-signal call's bit for bit
         with one_torch_thread(), torch.inference_mode():
-            return self.transform(torch.from_numpy(x)).numpy()
+            return torchaudio.functional.resample(torch.from_numpy(x), *self.rates).numpy()
 
     def push(self, x: np.ndarray) -> np.ndarray:
         if self.identity:
