@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import __version__
-from .data import JamendoDataModule
+from .data import DataError, JamendoDataModule
 from .features import FeatureSpec
+from .jamendo import JamendoFormatError
 from .metrics import best_f1_thresholds, tagging_scores
 from .module import TaggingModule, track_probabilities
+from .overrides import ConfigError, check_devices, check_overrides
+from .store import StoreError
 from .swa import SWA, recompute_batchnorm
 from .tracking import build_logger, finish_wandb, log_final
 
@@ -191,6 +195,7 @@ def print_scores(metrics: dict[str, dict[str, float]], title: str) -> None:
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Train one model as the config says and write its run directory; returns the final metrics."""
     start = time.time()
+    check_devices(cfg.trainer)
     out = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))
@@ -263,11 +268,42 @@ def check_launch(trainer: pl.Trainer) -> None:
     )
 
 
+# errors a user can cause and fix: one line on stderr, no traceback (config: exit 2, data: exit 1)
+USER_ERRORS = (ConfigError, DataError, StoreError, JamendoFormatError)
+
+
+def user_error(e: BaseException) -> BaseException | None:
+    """The user error behind ``e`` (Hydra wraps what a ``_target_`` raises), or None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, USER_ERRORS):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return None
+
+
+def _fail(e: BaseException) -> None:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
 @hydra.main(config_path="pkg://freqtag.conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except BaseException:
+    except BaseException as e:
         finish_wandb(failed=True)
+        if (known := user_error(e)) is not None:
+            _fail(known)
         raise
     finish_wandb(failed=False)
+
+
+def main() -> None:
+    """`python train.py ...`: the overrides are checked first, then Hydra composes and runs."""
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        _fail(e)
+    _hydra_main()
