@@ -45,6 +45,7 @@ __all__ = [
     "mean_probs",
     "table_rows",
     "build_ensemble",
+    "EnsembleResult",
     "add_ensemble_parser",
     "run_ensemble",
 ]
