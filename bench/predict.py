@@ -1,0 +1,188 @@
+"""Whole-track tagging on CPU: freqtag's chunked scoring against the reference's evaluation loop, and memory.
+
+1. Throughput (tracks/s) on the same network and the same 4-minute tracks,
+   same run, alternating the two methods over ``--rounds``:
+
+   - ``reference``: the reference's evaluation loop: one whole track per
+     forward pass (batch 1), normalise, network, sigmoid, mean over windows,
+     under ``torch.no_grad``.
+   - ``freqtag``: :class:`freqtag.tagger.WindowStream` as ``predict`` uses it
+     (frames pushed in 6-s pieces as the audio stream delivers them, chunks of
+     at most 16,384 frames, inference mode).
+
+   The features are random log-mel frames of the recipe's shape (the network
+   does the same work whatever the values); the model is the paper's
+   ``freq_dep`` at mel128 x 224 with random weights. Both must give the same
+   probabilities (checked, 1e-5).
+
+2. Peak memory (VmHWM of a fresh child process, reset after its imports and model load) of ``tag_file`` on
+   generated audio files of ``--minutes`` each (44.1 kHz mono WAV; the mel128
+   recipe, so decoding, silence trimming and the second decode pass of long
+   files are all included), next to the child's RSS after its imports and the
+   model load. The target is a peak that does not grow with the length.
+
+    python bench/predict.py [--tracks 3] [--rounds 2] [--minutes 5 20 60] [--out bench/results/predict.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def make_checkpoint(path: Path, filters: str, n_mels: int, length: int) -> Path:
+    from freqtag.features import FeatureSpec
+    from freqtag.model import FreqTagNet
+
+    torch.manual_seed(0)
+    net = FreqTagNet(n_mels, length, filters=filters).eval()
+    spec = FeatureSpec.load("mel128" if n_mels == 128 else "mel96")
+    torch.save({"state_dict": net.state_dict(), "features": spec.to_dict(), "tags": [f"tag{i}" for i in range(56)],
+                "model": {"_target_": "freqtag.model.FreqTagNet", "n_mels": n_mels, "input_length": length,
+                          "n_tags": 56, "filters": filters},
+                "input_length": length, "mean": 1.1, "std": 20.2}, path)
+    return path
+
+
+def throughput(args: argparse.Namespace, scratch: Path) -> dict:
+    from freqtag.module import track_probabilities
+    from freqtag.tagger import load_model
+
+    model = load_model(make_checkpoint(scratch / "fd128.ckpt", "freq_dep", 128, 224))
+    frames = int(round(4 * 60 * model.spec.frames_per_second))
+    rng = np.random.default_rng(0)
+    tracks = [(rng.standard_normal((frames, 128)) * 20.2 + 1.1).astype(np.float32) for _ in range(args.tracks)]
+    piece = int(6 * model.spec.frames_per_second)
+
+    def reference() -> list[np.ndarray]:
+        out = []
+        with torch.no_grad():
+            for t in tracks:
+                out.append(track_probabilities(model.net, model.normalise(t))[0].numpy())
+        return out
+
+    def freqtag() -> list[np.ndarray]:
+        out = []
+        for t in tracks:
+            s = model.stream()
+            for k in range(0, len(t), piece):
+                s.push(t[k : k + piece])
+            out.append(s.finish().mean(axis=0))
+        return out
+
+    a, b = reference(), freqtag()  # warm-up, and the check
+    diff = float(max(np.abs(x - y).max() for x, y in zip(a, b)))
+    assert diff < 1e-5, diff
+    times: dict[str, list[float]] = {"reference": [], "freqtag": []}
+    for _ in range(args.rounds):
+        for name, fn in (("reference", reference), ("freqtag", freqtag)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rate = {k: args.tracks / float(np.median(v)) for k, v in times.items()}
+    return {"tracks": args.tracks, "frames_per_track": frames, "model": "freq_dep mel128 x 224",
+            "tracks_per_s": rate, "ratio": rate["freqtag"] / rate["reference"], "max_abs_diff": diff,
+            "seconds": times}
+
+
+def write_audio(path: Path, minutes: float, rate: int = 44100) -> None:
+    import soundfile as sf
+
+    rng = np.random.default_rng(1)
+    block = rate * 10
+    with sf.SoundFile(path, "w", samplerate=rate, channels=1, subtype="PCM_16") as f:
+        for k in range(int(minutes * 6)):
+            t = (np.arange(block) + k * block) / rate
+            x = 0.2 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.1 * t)) + 0.02 * rng.standard_normal(block)
+            f.write(x.astype(np.float32))
+
+
+def _status(key: str) -> int:
+    """A KiB figure of /proc/self/status (VmRSS: now; VmHWM: the peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def child(ckpt: str, audio: str) -> None:
+    """Run in a fresh process: RSS after loading, peak RSS after tagging (KiB, Linux ru_maxrss)."""
+    from freqtag.predict import tag_file
+    from freqtag.tagger import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(ckpt)
+    try:  # reset the peak (VmHWM) to the current RSS: the imports' own transient peak is not the tagging's
+        Path("/proc/self/clear_refs").write_text("5")
+        base, peak = _status("VmRSS"), lambda: _status("VmHWM")
+    except OSError:
+        base, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    r = tag_file(Path(audio), [model])
+    print(json.dumps({"loaded_kib": base, "peak_kib": peak(),
+                      "seconds": time.perf_counter() - t0, "windows": len(r.windows[0]), "passes": r.passes,
+                      "duration_s": r.duration_s}))
+
+
+def memory(args: argparse.Namespace, scratch: Path) -> list[dict]:
+    # the convs network: the same activation shapes per chunk as freq_dep (so the same memory), 3x faster
+    ckpt = make_checkpoint(scratch / "cv128.ckpt", "convs", 128, 224)
+    rows = []
+    for minutes in args.minutes:
+        wav = scratch / f"{minutes:g}min.wav"
+        write_audio(wav, minutes)
+        res = subprocess.run([sys.executable, __file__, "--child", str(ckpt), str(wav)], capture_output=True,
+                             text=True, check=True)
+        wav.unlink()
+        row = {"minutes": minutes, **json.loads(res.stdout.strip().splitlines()[-1])}
+        row["peak_mib"] = round(row["peak_kib"] / 1024, 1)
+        row["growth_mib"] = round((row["peak_kib"] - row["loaded_kib"]) / 1024, 1)
+        rows.append(row)
+        print(f"  {minutes:g} min: peak {row['peak_mib']} MiB (+{row['growth_mib']} MiB over the loaded model), "
+              f"{row['passes']} decode pass(es), {row['seconds']:.1f} s", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tracks", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--minutes", type=float, nargs="+", default=[5.0, 20.0, 60.0])
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predict.json")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    from machine import machine
+
+    scratch = Path(os.environ.get("FREQTAG_DATA_DIR", REPO / "data")) / "bench" / "predict"
+    scratch.mkdir(parents=True, exist_ok=True)
+    print(f"throughput: {args.tracks} tracks of 4 minutes, freq_dep mel128 x 224, {args.rounds} rounds", flush=True)
+    tp = throughput(args, scratch)
+    r = tp["tracks_per_s"]
+    print(f"  reference {r['reference']:.3f} tracks/s, freqtag {r['freqtag']:.3f} tracks/s, ratio {tp['ratio']:.3f}")
+    print("peak memory of tag_file (mel128, fresh process each):", flush=True)
+    mem = memory(args, scratch)
+    result = {"machine": machine(), "throughput": tp, "memory": mem}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
