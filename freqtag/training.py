@@ -237,7 +237,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         save_predictions(out / "predictions" / f"{split}.npz", d.split.track_ids, dm.tags, probs, d.split.labels)
         if split == "validation":
             thresholds = best_f1_thresholds(probs, d.split.labels)
-            write_text(final.with_name("thresholds.tsv"), "".join(f"{t}\t{th:.8f}\n" for t, th in zip(dm.tags, thresholds)))
+            write_text(final.with_name("thresholds.tsv"), "".join(f"{t}\t{float(th)!r}\n" for t, th in zip(dm.tags, thresholds)))
     if not writer:
         return metrics
     prefix = {"validation": "val", "test": "test"}
