@@ -439,6 +439,13 @@ def add_ensemble_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[
                    help="make the final ensemble the mean of these groups' means, e.g. --groups "
                    "model=convs,features=mel96 model=freq_dep,features=mel128 (the original submission)")  # fmt: skip
     p.add_argument("--skip-unfinished", action="store_true", help="leave out runs without predictions (listed on stderr)")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log the table (a wandb.Table), the plot and the submission figures to W&B, in the runs' "
+                   "group (WANDB_MODE=offline/disabled are honoured)")  # fmt: skip
+    p.add_argument("--wandb-project", default="freqtag", help="W&B project (default: freqtag, as logger=wandb)")
+    p.add_argument("--wandb-entity", default=None, help="W&B entity (default: yours)")
+    p.add_argument("--wandb-group", default=None,
+                   help="W&B group (default: the sweep the runs were trained in, as logger=wandb named it)")  # fmt: skip
     return p
 
 
@@ -451,4 +458,14 @@ def run_ensemble(args: argparse.Namespace) -> int:
     for k, v in result.results.items():
         print(f"  {k:16s} {v:.6f}")
     print(f"wrote {out}/: table.md, table.csv, table.png, per_tag.csv, submission/")
+    if args.wandb:
+        from .tracking import group_of, log_ensemble, run_group
+
+        groups = {run_group(r.path) for r in result.runs}
+        group = args.wandb_group or (groups.pop() if len(groups) == 1 and None not in groups else None)
+        if group is None and len(args.paths) == 1 and not _is_run(args.paths[0]):
+            group = group_of(args.paths[0].resolve())  # a sweep folder given by hand
+        run_id = log_ensemble(out / "table.csv", out / "table.png", result.results, [r.name for r in result.runs],
+                              project=args.wandb_project, entity=args.wandb_entity, group=group)
+        print(f"logged to W&B: project {args.wandb_project}, group {group or '(none)'}, run {run_id}")
     return 0

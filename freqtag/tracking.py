@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["build_logger", "job_overrides", "log_final", "finish_wandb"]
+__all__ = ["build_logger", "job_overrides", "log_final", "finish_wandb", "log_ensemble", "run_group", "group_of"]
 
 WANDB = "pytorch_lightning.loggers.WandbLogger"
 # overrides that say where a run lives, not what it is: left out of names and tags
@@ -39,8 +39,45 @@ def sweep_group() -> str | None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
-    sweep = Path(hc.sweep.dir)
+    return group_of(hc.sweep.dir)
+
+
+def group_of(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep directory: its last two path parts (``2026-11-24/07-30-00``)."""
+    sweep = Path(sweep_dir)
     return f"{sweep.parent.name}/{sweep.name}" if sweep.parent.name else sweep.name
+
+
+def run_group(run_dir: Path) -> str | None:
+    """The W&B group a finished run was logged under, from its ``.hydra/hydra.yaml`` (None: not a multirun job)."""
+    record = run_dir / ".hydra" / "hydra.yaml"
+    if not record.is_file():
+        return None
+    if str(OmegaConf.load(record).hydra.get("mode")) != "MULTIRUN":
+        return None
+    return group_of(run_dir.resolve().parent)  # a job lives in <sweep dir>/<job number>
+
+
+def log_ensemble(table_csv: Path, table_png: Path, results: dict[str, float], runs: list[str],
+                 project: str, entity: str | None, group: str | None) -> str:
+    """The ensemble table (a wandb.Table), its plot and the submission figures, as one W&B run of ``group``."""
+    import csv
+
+    import wandb
+
+    with open(table_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    run = wandb.init(project=project, entity=entity, group=group, job_type="ensemble", name="ensemble",
+                     config={"runs": runs}, dir=str(table_csv.parent), reinit="finish_previous")
+    try:
+        table = wandb.Table(columns=rows[0], data=[[r[0], int(r[1]), *map(float, r[2:])] for r in rows[1:]])
+        run.log({"ensemble/table": table, "ensemble/plot": wandb.Image(str(table_png))})
+        run.summary.update({f"submission/{k}": v for k, v in results.items()})
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()
+    return run.id
 
 
 def build_logger(cfg: DictConfig) -> Any:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2", reason="wandb is not installed")
@@ -124,3 +125,33 @@ def test_disabled_mode_trains_and_writes_no_run(data_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run_dir / "metrics.json").is_file()
     assert not list(run_dir.glob("wandb/offline-run-*"))
+
+
+def test_ensemble_logs_its_table_to_the_group(tmp_path):
+    """`freqtag ensemble --wandb`: a wandb.Table, the plot and the submission figures in the sweep's group."""
+    from test_ensemble import BAD, GOOD, KNOWN_RUNS, T, make_run
+
+    sweep = tmp_path / "multirun" / "2026-11-24" / "07-30-00"
+    for i, ((model, loss), val) in enumerate(KNOWN_RUNS.items()):
+        make_run(sweep / str(i), [f"model={model}", f"loss={loss}"], {"validation": val, "test": BAD if val is GOOD else GOOD},
+                 {"validation": T, "test": T})
+    out = tmp_path / "out"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    res = subprocess.run([str(Path(sys.executable).parent / "freqtag"), "ensemble", str(sweep), "--out", str(out), "--wandb"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    run = offline_run(out)
+    assert run["exit"] == 0 and run["job_type"] == "ensemble" and run["group"] == "2026-11-24/07-30-00"
+    h = {k: v[0] for k, v in run["history"].items()}
+    assert (h["ensemble/table/_type"], h["ensemble/table/nrows"], h["ensemble/table/ncols"]) == ("table-file", 5, 6)
+    assert h["ensemble/plot/_type"] == "image-file"
+    (files,) = out.glob("wandb/offline-run-*/files")
+    logged = json.loads((files / h["ensemble/table/path"]).read_text())
+    csv_rows = [line.split(",") for line in (out / "table.csv").read_text().splitlines()]
+    assert logged["columns"] == csv_rows[0]
+    assert [r[0] for r in logged["data"]] == [r[0] for r in csv_rows[1:]]
+    assert np.allclose([r[2:] for r in logged["data"]], [[float(x) for x in r[2:]] for r in csv_rows[1:]])
+    assert (files / h["ensemble/plot/path"]).stat().st_size == h["ensemble/plot/size"]
+    results = dict(line.split("\t") for line in (out / "submission" / "results.tsv").read_text().splitlines())
+    for k, v in results.items():
+        assert run["summary"][f"submission/{k}"] == pytest.approx(float(v), abs=1e-6)
