@@ -226,6 +226,7 @@ class JamendoDataModule(pl.LightningDataModule):
         in_memory: bool = False,
         seed: int = 42,
         missing_tracks: str = "stop",
+        check_finite: bool = True,
         synthetic: dict[str, Any] | None = None,
         multiprocessing_context: str | None = None,
     ) -> None:
@@ -246,6 +247,7 @@ class JamendoDataModule(pl.LightningDataModule):
         if missing_tracks not in ("stop", "skip"):
             raise DataError(f"data.missing_tracks={missing_tracks!r}: valid values are stop, skip")
         self.missing_tracks = missing_tracks
+        self.check_finite = bool(check_finite)
         self.synthetic = dict(synthetic) if synthetic else None
         self.multiprocessing_context = multiprocessing_context
         self.store: FeatureStore | None = None
@@ -302,8 +304,19 @@ class JamendoDataModule(pl.LightningDataModule):
                     )
                 keep = [i for i, t in enumerate(split.track_ids) if t in store]
                 split = _subset(split, keep)
+                if len(split) == 0:
+                    raise DataError(f"{split.path}: none of its {len(missing)} tracks is in {self.store_path}; "
+                                    f"re-run `freqtag prepare` for them, or point data.store at their store")
             rows = np.array([store.row[t] for t in split.track_ids], dtype=np.int64)
             self.splits[name] = SplitData(split, rows)
+        if self.check_finite:  # one read of the store: NaN/inf would only show up as a NaN loss, hours later
+            bad = store.nonfinite_tracks(np.concatenate([d.rows for d in self.splits.values()]))
+            if bad:
+                shown = ", ".join(f"{t} ({n} values)" for t, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+                raise DataError(
+                    f"{self.store_path}: {len(bad)} tracks hold NaN/inf features ({shown}); rebuild the store with "
+                    f"`freqtag prepare` (which skips such files), or set data.check_finite=false to train anyway"
+                )
         self.store = store
 
     def setup(self, stage: str | None = None) -> None:

@@ -37,7 +37,8 @@ import numpy as np
 
 from . import jamendo
 from .features import FeatureSpec
-from .store import DTYPE, FeatureStore, StoreError, StoreWriter
+from .faults import fault_point
+from .store import DTYPE, FeatureStore, StoreError, StoreWriter, remove_partial
 
 __all__ = [
     "Job",
@@ -480,6 +481,8 @@ def _existing_store(out: Path, spec: FeatureSpec, jobs: Sequence[Job], started: 
             f"{out} is a finished store of features '{store.spec.name}', not '{spec.name}': "
             f"choose another --out, or delete {out} to rebuild it"
         )
+    # a run killed between the final rename and the clean-up leaves its parts: the store holds them all
+    remove_partial(out.with_name(out.name + ".partial"))
     report = report_path(out)
     reasons = {t: (p, r) for t, p, r in read_report(report)}
     absent = [j for j in jobs if j.track_id not in store]
@@ -556,6 +559,7 @@ def build_store(
         writer.add(batch)
     report = report_path(out)
     _write_report(report, skipped)
+    fault_point("prepare.report")
     if not writer.done & {j.track_id for j in jobs}:
         raise PrepareError(f"none of the {len(jobs)} tracks could be read; {report} lists why")
     with _status(progress, f"assembling {out} from {len(jobs) - len(skipped)} tracks"):

@@ -35,14 +35,17 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
+from .faults import DiskFullError, disk_full, fault_point
 from .features import FeatureSpec
 
-__all__ = ["FeatureStore", "StoreWriter", "StoreError", "FORMAT", "VERSION"]
+__all__ = ["FeatureStore", "StoreWriter", "StoreError", "FORMAT", "VERSION", "remove_partial"]
 
 FORMAT = "freqtag-store"
 VERSION = 1
 DTYPE = np.float16
 _OPEN_PARTS = 16  # npz parts kept open at once while assembling
+_SCAN_FRAMES = 1 << 18  # frames per block when scanning for non-finite values (64 MB of mel128)
+_EXP16 = np.uint16(0x7C00)  # float16 exponent bits: all set means inf or NaN
 
 
 class StoreError(RuntimeError):
@@ -100,12 +103,76 @@ class FeatureStore:
             raise StoreError(f"{self.path} is not a readable freqtag store ({e}); rebuild it") from e
         if self.n_bands != self.spec.n_mels:
             raise StoreError(f"{self.path}: {self.n_bands} bands stored but the spec says {self.spec.n_mels}")
-        ends = self.offsets + self.lengths
-        if len(self.track_ids) and (ends.max() > self.n_frames or self.offsets.min() < 0):
-            raise StoreError(f"{self.path}: the track index points past the {self.n_frames} stored frames; rebuild it")
+        self._check_index()
         self.row = {t: i for i, t in enumerate(self.track_ids)}
         self._map: np.ndarray | None = None
         self._pid: int | None = None
+
+    def _check_index(self) -> None:
+        """The track index must describe the stored frames exactly; a store that disagrees is refused on open.
+
+        Writers lay tracks out back to back in index order, so anything else
+        (a gap, an overlap, frames no track owns, a file cut short by a copy)
+        means the file was damaged or made by something else. Cheap: the
+        index and the file size only, never the frames.
+        """
+        fix = "rebuild it with `freqtag prepare` (or copy it again if it was copied)"
+        n = len(self.track_ids)
+        if not (n == len(self.offsets) == len(self.lengths)):
+            raise StoreError(
+                f"{self.path}: the track index disagrees with itself ({n} ids, {len(self.offsets)} offsets, "
+                f"{len(self.lengths)} lengths); {fix}"
+            )
+        if len(set(self.track_ids)) != n:
+            dup = next(t for t in self.track_ids if self.track_ids.count(t) > 1)
+            raise StoreError(f"{self.path}: track {dup} is listed twice in the track index; {fix}")
+        if n and self.lengths.min() < 1:
+            bad = self.track_ids[int(np.argmin(self.lengths))]
+            raise StoreError(f"{self.path}: track {bad} has {int(self.lengths.min())} frames in the index; {fix}")
+        starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]) if n else self.offsets
+        if not np.array_equal(self.offsets, starts):
+            bad = self.track_ids[int(np.flatnonzero(self.offsets != starts)[0])]
+            raise StoreError(
+                f"{self.path}: the track index and the data disagree (track {bad} does not start where the "
+                f"previous one ends); {fix}"
+            )
+        total = int(self.lengths.sum())
+        if total != self.n_frames:
+            raise StoreError(
+                f"{self.path}: the track index and the data disagree (the index covers {total:,} frames, "
+                f"/features holds {self.n_frames:,}); {fix}"
+            )
+        need = int(self._byte_offset) + self.n_frames * self.n_bands * np.dtype(DTYPE).itemsize
+        size = self.path.stat().st_size
+        if size < need:
+            raise StoreError(f"{self.path} is cut short ({size:,} bytes, its frames need {need:,}); {fix}")
+
+    def nonfinite_tracks(self, rows: Iterable[int] | None = None) -> list[tuple[str, int]]:
+        """(track id, count of NaN/inf values) of every listed track (all by default) that has any.
+
+        One sequential read of the frames, in blocks: the float16 bit pattern
+        is tested (exponent all ones) rather than converted, so the scan runs
+        at the speed of the disk or the page cache.
+        """
+        wanted = np.zeros(len(self), dtype=bool)
+        wanted[np.arange(len(self)) if rows is None else np.fromiter(rows, dtype=np.int64)] = True
+        bits = self.frames.view(np.uint16)
+        ends = self.offsets + self.lengths
+        found: dict[int, int] = {}
+        for start in range(0, self.n_frames, _SCAN_FRAMES):
+            stop = min(start + _SCAN_FRAMES, self.n_frames)
+            bad = (bits[start:stop] & _EXP16) == _EXP16
+            if not np.count_nonzero(bad):
+                continue
+            per_frame = bad.sum(axis=1)
+            hit = np.flatnonzero(per_frame)
+            if not len(hit):
+                continue
+            owners = np.searchsorted(ends, start + hit, side="right")
+            for row, count in zip(owners.tolist(), per_frame[hit].tolist()):
+                if wanted[row]:
+                    found[row] = found.get(row, 0) + int(count)
+        return [(self.track_ids[r], found[r]) for r in sorted(found)]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -233,15 +300,31 @@ class StoreWriter:
             x = np.asarray(x)
             if x.ndim != 2 or x.shape[1] != self.spec.n_mels:
                 raise StoreError(f"track {track_id}: features of shape {x.shape}, expected (frames, {self.spec.n_mels})")
-            arrays[track_id] = x.astype(DTYPE)
+            x16 = x.astype(DTYPE)
+            if not np.isfinite(x16).all():
+                raise StoreError(
+                    f"track {track_id}: {int((~np.isfinite(x16)).sum())} NaN/inf values (or beyond the float16 "
+                    f"range) in its features; a store holds finite values only: fix or leave out its source file"
+                )
+            arrays[track_id] = x16
         part = self.partial / f"part-{self._next:06d}.npz"
         self._next += 1
         tmp = part.with_name(part.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point("store.part.written")
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if disk_full(e):
+                raise DiskFullError(
+                    tmp, f"the {len(self._where)} tracks finished so far are kept in {self.partial}"
+                ) from None
+            raise
         tmp.replace(part)
+        fault_point("store.part.renamed")
         for track_id in arrays:
             self._where[track_id] = part
 
@@ -272,12 +355,13 @@ class StoreWriter:
                 opened[part] = np.load(part)
             return opened[part][track_id]
 
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        total = 0
         try:
             for i, t in enumerate(present):
                 lengths[i] = get(t).shape[0]
             offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(present) else lengths
             total = int(lengths.sum())
-            tmp = self.out.with_name(self.out.name + ".tmp")
             with h5py.File(tmp, "w") as f:
                 ds = f.create_dataset("features", shape=(total, self.spec.n_mels), dtype=DTYPE)
                 for i, t in enumerate(present):
@@ -285,6 +369,8 @@ class StoreWriter:
                     ds[offsets[i] : offsets[i] + lengths[i]] = x
                     if t in stats_set:
                         stats.add(x)
+                    if i == len(present) // 2:
+                        fault_point("store.assemble")
                 f.create_dataset("tracks/id", data=np.array(present, dtype=object), dtype=h5py.string_dtype())
                 f.create_dataset("tracks/offset", data=offsets)
                 f.create_dataset("tracks/length", data=lengths)
@@ -296,15 +382,39 @@ class StoreWriter:
                 f.attrs["std"] = std
                 f.attrs["stats_split"] = stats_split
                 f.attrs["stats_tracks"] = sum(1 for t in present if t in stats_set)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except BaseException as e:
+            if disk_full(e):
+                tmp.unlink(missing_ok=True)  # give the space back: the parts are all a re-run needs
+                raise DiskFullError(
+                    tmp, f"the {len(present)} finished tracks are kept in {self.partial}; the store needs "
+                    f"{total * self.spec.n_mels * np.dtype(DTYPE).itemsize / 1e6:,.1f} MB"
+                ) from None
+            raise
         finally:
             for z in opened.values():
                 z.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fault_point("store.rename.before")
         tmp.replace(self.out)
+        fault_point("store.rename.after")
         _fsync_dir(self.out.parent)
-        shutil.rmtree(self.partial)
+        remove_partial(self.partial)
         return self.out
+
+
+def remove_partial(partial: Path) -> None:
+    """Delete ``STORE.partial/`` once the store is complete (also what a re-run does after a kill here)."""
+    if not partial.is_dir():
+        return
+    for i, entry in enumerate(sorted(partial.iterdir())):
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        if i == 0:
+            fault_point("store.cleanup")
+    partial.rmdir()
 
 
 def store_summary(store: FeatureStore) -> dict:

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import __version__
 from .data import DataError, JamendoDataModule
+from .faults import DiskFullError, disk_full, fault_point
 from .features import FeatureSpec
 from .jamendo import JamendoFormatError
 from .metrics import best_f1_thresholds, tagging_scores
@@ -38,32 +39,115 @@ from .store import StoreError
 from .swa import SWA, recompute_batchnorm
 from .tracking import build_logger, finish_wandb, log_final
 
-__all__ = ["run", "main", "build_net", "atomic_save", "AtomicCheckpointIO", "evaluate_tracks", "FINAL_KEYS"]
+__all__ = [
+    "run", "main", "build_net", "atomic_save", "AtomicCheckpointIO", "evaluate_tracks", "FINAL_KEYS",
+    "TrainingDiverged", "ResumeError", "check_resume",
+]
 
 FINAL_KEYS = ("state_dict", "model", "features", "tags", "input_length", "mean", "std", "freqtag_version")
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN/inf: the run stopped; names the checkpoint that is kept and what to change."""
+
+
+class ResumeError(ValueError):
+    """``ckpt_path`` names a checkpoint this run cannot continue (missing, damaged, other tags or features)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary name, fsync, then rename: never a truncated file under ``path``."""
+    """torch.save to a temporary name, fsync, then rename: never a truncated file under ``path``.
+
+    A full disk raises :class:`DiskFullError` naming the file, with the
+    previous ``path`` untouched and the partial temporary file removed.
+    Temporary files of writers that were killed (their pid is gone) are
+    removed after a successful save, so kills never pile up dead copies.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
+            fault_point(f"checkpoint.written:{path.name}")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException as e:
+        if disk_full(e):
+            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written before"
+            raise DiskFullError(path, kept) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name[len(path.name) + 2 : -4]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints (last.ckpt) written through ``atomic_save``."""
+    """Lightning checkpoints (last.ckpt) written through ``atomic_save``, carrying what the run was trained on.
+
+    ``run_info`` (tags, feature recipe, input length) is stored under the
+    ``freqtag`` key, so a resume with other tags or features is refused
+    before training (:func:`check_resume`) instead of loading silently.
+    """
+
+    def __init__(self, run_info: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.run_info = run_info
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if self.run_info is not None:
+            checkpoint = {**checkpoint, "freqtag": self.run_info}
         atomic_save(checkpoint, path)
+
+
+def run_info(dm: JamendoDataModule) -> dict[str, Any]:
+    return {"tags": list(dm.tags), "features": dm.spec.to_dict(), "input_length": dm.input_length}
+
+
+def check_resume(ckpt_path: str | Path, dm: JamendoDataModule) -> None:
+    """Refuse, before any training, a ``ckpt_path`` that is missing, unreadable, or made with other tags/features."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ResumeError(f"ckpt_path={path}: no such file; resume from <run>/checkpoints/last.ckpt of the killed run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise ResumeError(
+            f"ckpt_path={path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"it is damaged or not a Lightning checkpoint: resume from another one or start again without ckpt_path"
+        ) from None
+    info = ckpt.get("freqtag") if isinstance(ckpt, dict) else None
+    if info is None:
+        return  # written before checkpoints carried it: Lightning's own checks apply
+    if list(info["tags"]) != list(dm.tags):
+        theirs, ours = list(info["tags"]), list(dm.tags)
+        diff = next((f"tag {i + 1} is {a} there, {b} here" for i, (a, b) in enumerate(zip(theirs, ours)) if a != b),
+                    f"{len(theirs)} tags there, {len(ours)} here")
+        raise ResumeError(
+            f"ckpt_path={path} was trained on another tag list than {dm.tags_file} ({diff}): resume with the "
+            f"run's own data.tags_file, or start a new run without ckpt_path"
+        )
+    if FeatureSpec.from_dict(info["features"]) != dm.spec:
+        raise ResumeError(
+            f"ckpt_path={path} was trained on '{info['features']['name']}' features, this run uses "
+            f"{dm.spec.name} ({dm.store_path}) with another recipe: resume with features={info['features']['name']} "
+            f"and its store, or start a new run without ckpt_path"
+        )
 
 
 def build_net(model_cfg: dict[str, Any] | DictConfig) -> nn.Module:
@@ -210,15 +294,29 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     swa = next((c for c in callbacks.values() if isinstance(c, SWA)), None)
     if swa is None:
         raise ValueError("callbacks.swa is missing: the final model is the SWA model (see REFERENCE.md)")
+    if cfg.get("ckpt_path"):
+        check_resume(cfg.ckpt_path, dm)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision),
         callbacks=list(callbacks.values()),
         logger=build_logger(cfg),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(run_info(dm))],
     )
     check_launch(trainer)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    except FloatingPointError as e:
+        last = out / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            epoch = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("epoch", "?")
+            kept = f"the last good checkpoint, {last} (end of epoch {epoch}), is kept: resume with ckpt_path={last}"
+        else:
+            kept = f"no checkpoint was written yet ({last} is written at the end of each epoch)"
+        raise TrainingDiverged(
+            f"{str(e).split(';')[0]}; {kept}. Lower optim.lr (now {cfg.optim.lr}) or check the data "
+            f"(`freqtag info {dm.store_path}`)"
+        ) from e
 
     device = trainer.strategy.root_device
     finalize(module, dm, swa, device, trainer.max_epochs)
@@ -269,7 +367,7 @@ def check_launch(trainer: pl.Trainer) -> None:
 
 
 # errors a user can cause and fix: one line on stderr, no traceback (config: exit 2, data: exit 1)
-USER_ERRORS = (ConfigError, DataError, StoreError, JamendoFormatError)
+USER_ERRORS = (ConfigError, DataError, StoreError, JamendoFormatError, ResumeError, TrainingDiverged, DiskFullError)
 
 
 def user_error(e: BaseException) -> BaseException | None:
