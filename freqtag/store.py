@@ -24,6 +24,7 @@ how often, or where, the writing was interrupted.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ VERSION = 1
 DTYPE = np.float16
 _OPEN_PARTS = 16  # npz parts kept open at once while assembling
 _SCAN_FRAMES = 1 << 18  # frames per block when scanning for non-finite values (64 MB of mel128)
+_SPACE_MARGIN = 1 << 20  # bytes beyond the frames and index that assembling a store may take (HDF5 metadata)
 _EXP16 = np.uint16(0x7C00)  # float16 exponent bits: all set means inf or NaN
 
 
@@ -362,6 +364,11 @@ class StoreWriter:
                 lengths[i] = get(t).shape[0]
             offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(present) else lengths
             total = int(lengths.sum())
+            # HDF5 cannot fail cleanly when the disk fills (a write that fails at close leaves objects that
+            # crash the interpreter when freed), so the space is checked before HDF5 writes anything
+            need = total * self.spec.n_mels * np.dtype(DTYPE).itemsize + 64 * len(present) + _SPACE_MARGIN
+            if shutil.disk_usage(tmp.parent).free < need:
+                raise OSError(errno.ENOSPC, f"{need:,} bytes needed, {shutil.disk_usage(tmp.parent).free:,} free")
             with h5py.File(tmp, "w") as f:
                 ds = f.create_dataset("features", shape=(total, self.spec.n_mels), dtype=DTYPE)
                 for i, t in enumerate(present):

@@ -1,0 +1,86 @@
+"""A tiny MTG-format dataset (store, split TSVs, tag list, and the .npy files it came from) for the reliability tests.
+
+Tracks are short (40-90 frames of mel96), so a whole training run on it,
+including the final whole-track evaluation, takes seconds; every tag has a
+positive and a negative in every split, so every metric is defined.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from freqtag import jamendo
+from freqtag.features import FeatureSpec
+from freqtag.store import StoreWriter
+
+REPO = Path(__file__).resolve().parents[1]
+FREQTAG = str(Path(sys.executable).parent / "freqtag")
+TAGS = list(jamendo.MOODTHEME_TAGS)
+COUNTS = {"train": 24, "validation": 8, "test": 8}
+
+
+@dataclass
+class Tiny:
+    root: Path
+    store: Path
+    splits: Path
+    tags: Path
+    npy: Path
+    order: list[str]
+
+    def train_args(self, run_dir: Path, *extra: str, store: Path | None = None) -> list[str]:
+        """`python train.py` on this dataset: the demo recipe shrunk to seconds."""
+        return [
+            sys.executable, str(REPO / "train.py"), "experiment=demo", "model=convs", "logger=csv",
+            "data.synthetic=null", f"data.store={store or self.store}", f"data.splits_dir={self.splits}",
+            f"data.tags_file={self.tags}", "data.input_length=32", "data.batch_size=8", "trainer.max_epochs=2",
+            f"hydra.run.dir={run_dir}", f"paths.data_dir={self.root / 'unused'}", *extra,
+        ]  # fmt: skip
+
+
+def make_tiny(root: Path, seed: int = 0) -> Tiny:
+    """Write ``root/{npy/XX/ID.npy, split-0/*.tsv, moodtheme_split.txt, mel96.h5}``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    tags_file = root / "moodtheme_split.txt"
+    tags_file.write_text("\n".join(TAGS) + "\n")
+    splits = root / "split-0"
+    order: list[str] = []
+    arrays: dict[str, np.ndarray] = {}
+    train_ids: list[str] = []
+    number = 1000
+    for split, n in COUNTS.items():
+        ids, paths = [], []
+        labels = np.zeros((n, len(TAGS)), np.uint8)
+        for i in range(n):
+            number += 1
+            track_id = f"track_{number:07d}"
+            path = f"{number % 100:02d}/{number}.mp3"
+            labels[i, [j for j in range(len(TAGS)) if j % n == i]] = 1  # each tag: one positive per split
+            x = rng.normal(-24.0, 19.0, size=(96, int(rng.integers(40, 90)))).astype(np.float32)
+            x[labels[i].argmax() % 96] += 20.0  # a little signal to learn
+            target = root / "npy" / Path(path).with_suffix(".npy")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, x)
+            arrays[track_id] = x.T
+            ids.append(track_id)
+            paths.append(path)
+        jamendo.write_split(jamendo.split_file(splits, split), ids, paths, [30.0] * n, labels, TAGS)
+        order += ids
+        if split == "train":
+            train_ids = ids
+    store = root / "mel96.h5"
+    writer = StoreWriter(store, FeatureSpec.load("mel96"), order)
+    writer.add([(t, arrays[t]) for t in order])
+    writer.finish(train_ids, "train")
+    return Tiny(root=root, store=store, splits=splits, tags=tags_file, npy=root / "npy", order=order)
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 180,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
