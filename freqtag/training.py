@@ -276,6 +276,24 @@ def print_scores(metrics: dict[str, dict[str, float]], title: str) -> None:
     Console().print(table)
 
 
+def check_scorable(dm: JamendoDataModule) -> None:
+    """The final scores need a positive and a negative track of every tag in validation and test: check it first.
+
+    Otherwise a split that lacks one (a small custom dataset, or tracks left
+    out with data.missing_tracks=skip) fails only after all the training.
+    """
+    for name in ("validation", "test"):
+        split = dm.splits[name].split
+        positives = split.labels.sum(0)
+        undefined = [t for t, n in zip(dm.tags, positives) if n == 0 or n == len(split)]
+        if undefined:
+            raise DataError(
+                f"{split.path}: {len(undefined)} tags have no positive (or no negative) track in the {name} split "
+                f"({', '.join(undefined[:5])}{' ...' if len(undefined) > 5 else ''}), so their PR-AUC/ROC-AUC is "
+                f"undefined: use a split where every tag of {dm.tags_file} has both"
+            )
+
+
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Train one model as the config says and write its run directory; returns the final metrics."""
     start = time.time()
@@ -285,6 +303,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))
     dm: JamendoDataModule = instantiate(cfg.data, features=spec, _recursive_=False)
     dm.check()  # every data problem stops the run here, before any training time is spent
+    check_scorable(dm)
     net = build_net(cfg.model)
     if getattr(net, "n_tags", len(dm.tags)) != len(dm.tags):
         raise ValueError(f"model.n_tags={net.n_tags} but {dm.tags_file} lists {len(dm.tags)} tags")
