@@ -84,3 +84,41 @@ def make_tiny(root: Path, seed: int = 0) -> Tiny:
 def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 180,
         cwd: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+
+
+class PoisonWeights:
+    """A Lightning callback that fills the first weight tensor with NaN before training step ``at_step``.
+
+    What a diverging run does to its weights, at a chosen step: the loss of
+    that step is NaN, so the run must stop and keep the last good checkpoint.
+    Built by Hydra from ``+callbacks.poison._target_=tiny_data.PoisonWeights``.
+    """
+
+    def __new__(cls, at_step: int):  # type: ignore[no-untyped-def]
+        import pytorch_lightning as pl
+        import torch
+
+        class _Poison(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+                if trainer.global_step == at_step:
+                    with torch.no_grad():
+                        next(pl_module.net.parameters()).fill_(float("nan"))
+
+        return _Poison()
+
+
+class DtypeProbe:
+    """A Lightning callback recording the dtype of the network's output at each training step (in ``seen``)."""
+
+    seen: list = []
+
+    def __new__(cls):  # type: ignore[no-untyped-def]
+        import pytorch_lightning as pl
+
+        class _Probe(pl.Callback):
+            def on_fit_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+                pl_module.net.register_forward_hook(
+                    lambda m, i, o: DtypeProbe.seen.append(o.dtype) if m.training else None
+                )
+
+        return _Probe()
