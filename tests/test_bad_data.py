@@ -18,36 +18,20 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from hydra import compose, initialize_config_module
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from freqtag import jamendo
 from freqtag.features import FeatureSpec
 from freqtag.predict import main as predict_main
 from freqtag.store import FeatureStore, StoreError, StoreWriter
 from freqtag.training import ResumeError, check_resume, run, user_error
-from tiny_data import Tiny, make_tiny
+from tiny_data import Tiny, config, make_tiny
 from tiny_data import run as run_command
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-def config(t: Tiny, out: Path, *overrides: str, store: Path | None = None, splits: Path | None = None,
-           tags: Path | None = None) -> DictConfig:  # fmt: skip
-    with initialize_config_module("freqtag.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=demo", "model=convs", "logger=csv", "data.synthetic=null", "data.input_length=32",
-            "data.batch_size=8", "trainer.max_epochs=2", *overrides,
-        ])  # fmt: skip
-    with open_dict(cfg):
-        cfg.data.store = str(store or t.store)
-        cfg.data.splits_dir = str(splits or t.splits)
-        cfg.data.tags_file = str(tags or t.tags)
-        cfg.paths.output_dir = str(out)
-    return cfg
 
 
 def refused(cfg: DictConfig, *words: str) -> str:

@@ -20,8 +20,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 
 from freqtag import training
 from freqtag.training import TrainingDiverged, resolve_precision, run, user_error
-from test_bad_data import config
-from tiny_data import DtypeProbe, Tiny, make_tiny
+from tiny_data import DtypeProbe, Tiny, config, make_tiny
 from tiny_data import run as run_command
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, open_dict
 
 from freqtag import jamendo
 from freqtag.features import FeatureSpec
@@ -43,8 +45,9 @@ class Tiny:
         ]  # fmt: skip
 
 
-def make_tiny(root: Path, seed: int = 0) -> Tiny:
-    """Write ``root/{npy/XX/ID.npy, split-0/*.tsv, moodtheme_split.txt, mel96.h5}``."""
+def make_tiny(root: Path, seed: int = 0, features: str = "mel96") -> Tiny:
+    """Write ``root/{npy/XX/ID.npy, split-0/*.tsv, moodtheme_split.txt, FEATURES.h5}`` (random frames)."""
+    spec = FeatureSpec.load(features)
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     tags_file = root / "moodtheme_split.txt"
@@ -62,8 +65,8 @@ def make_tiny(root: Path, seed: int = 0) -> Tiny:
             track_id = f"track_{number:07d}"
             path = f"{number % 100:02d}/{number}.mp3"
             labels[i, [j for j in range(len(TAGS)) if j % 4 == i % 4]] = 1  # each tag: n/4 positives per split
-            x = rng.normal(-24.0, 19.0, size=(96, int(rng.integers(40, 90)))).astype(np.float32)
-            x[labels[i].argmax() % 96] += 20.0  # a little signal to learn
+            x = rng.normal(-24.0, 19.0, size=(spec.n_mels, int(rng.integers(40, 90)))).astype(np.float32)
+            x[labels[i].argmax() % spec.n_mels] += 20.0  # a little signal to learn
             target = root / "npy" / Path(path).with_suffix(".npy")
             target.parent.mkdir(parents=True, exist_ok=True)
             np.save(target, x)
@@ -74,11 +77,27 @@ def make_tiny(root: Path, seed: int = 0) -> Tiny:
         order += ids
         if split == "train":
             train_ids = ids
-    store = root / "mel96.h5"
-    writer = StoreWriter(store, FeatureSpec.load("mel96"), order)
+    store = root / f"{features}.h5"
+    writer = StoreWriter(store, spec, order)
     writer.add([(t, arrays[t]) for t in order])
     writer.finish(train_ids, "train")
     return Tiny(root=root, store=store, splits=splits, tags=tags_file, npy=root / "npy", order=order)
+
+
+def config(t: Tiny, out: Path, *overrides: str, store: Path | None = None, splits: Path | None = None,
+           tags: Path | None = None) -> DictConfig:  # fmt: skip
+    """The composed config of a tiny run on ``t`` writing to ``out`` (for :func:`freqtag.training.run`)."""
+    with initialize_config_module("freqtag.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=demo", "model=convs", "logger=csv", "data.synthetic=null", "data.input_length=32",
+            "data.batch_size=8", "trainer.max_epochs=2", f"features={t.store.stem}", *overrides,
+        ])  # fmt: skip
+    with open_dict(cfg):
+        cfg.data.store = str(store or t.store)
+        cfg.data.splits_dir = str(splits or t.splits)
+        cfg.data.tags_file = str(tags or t.tags)
+        cfg.paths.output_dir = str(out)
+    return cfg
 
 
 def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 180,
