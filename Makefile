@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/predict.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
