@@ -149,14 +149,8 @@ def _decoder_error(e: sf.LibsndfileError) -> str:
     return text or f"libsndfile error {e.code}"
 
 
-def decode(path: str | Path) -> tuple[np.ndarray, int]:
-    """The file's samples averaged over channels (float32, mono) and its sample rate.
-
-    Raises :class:`AudioError` for a missing, empty, non-audio, unsupported or
-    undecodable file. A file that ends early (a truncated MP3 or Ogg) gives the
-    part that decodes, as every soundfile-based loader does.
-    """
-    path = Path(path)
+def check_audio_path(path: Path) -> None:
+    """Refuse, before reading, a path that cannot be audio we decode (whole-file and streamed decoding alike)."""
     suffix = path.suffix.lower()
     if suffix in UNSUPPORTED_EXTENSIONS:
         raise AudioError(
@@ -176,6 +170,17 @@ def decode(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioError(path, "not a regular file")
     if size == 0:
         raise AudioError(path, "empty file (0 bytes)")
+
+
+def decode(path: str | Path) -> tuple[np.ndarray, int]:
+    """The file's samples averaged over channels (float32, mono) and its sample rate.
+
+    Raises :class:`AudioError` for a missing, empty, non-audio, unsupported or
+    undecodable file. A file that ends early (a truncated MP3 or Ogg) gives the
+    part that decodes, as every soundfile-based loader does.
+    """
+    path = Path(path)
+    check_audio_path(path)
     try:
         with _captured_stderr() as messages:
             x, sr = sf.read(path, dtype="float32", always_2d=True)

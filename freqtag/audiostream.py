@@ -48,15 +48,15 @@ import soundfile as sf
 import torch
 
 from .audio import (
-    AUDIO_EXTENSIONS,
     SILENCE_RMS,
     TRIM_FRAME_LENGTH,
     TRIM_HOP_LENGTH,
-    UNSUPPORTED_EXTENSIONS,
     AudioError,
     _decoder_error,
     _interval,
+    check_audio_path,
     one_torch_thread,
+    to_mono,
 )
 from .features import FeatureSpec
 from .melspec import LogMel
@@ -67,7 +67,6 @@ __all__ = [
     "SilenceScan",
     "FileFeatures",
     "stream_features",
-    "check_audio_path",
     "DECODE_BLOCK",
     "REPLAY_SAMPLES",
 ]
@@ -77,29 +76,6 @@ REPLAY_SAMPLES = 1 << 24  # resampled samples kept for a trimming recipe's secon
 FEATURE_SEGMENT = 1 << 19  # samples per LogMel call (plus its context)
 
 FrameSink = Callable[[np.ndarray], None]
-
-
-def check_audio_path(path: Path) -> None:
-    """The refusals :func:`freqtag.audio.decode` makes before reading, with the same reasons."""
-    suffix = path.suffix.lower()
-    if suffix in UNSUPPORTED_EXTENSIONS:
-        raise AudioError(
-            path,
-            f"unsupported audio format {suffix} (soundfile cannot decode it); "
-            f"convert it, e.g. `ffmpeg -i IN{suffix} OUT.flac`",
-        )
-    if suffix not in AUDIO_EXTENSIONS:
-        raise AudioError(
-            path, f"not an audio file name ({suffix or 'no extension'}, not one of .mp3 .ogg .opus .flac .wav .aiff ...)"
-        )
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise AudioError(path, "missing file") from None
-    if not path.is_file():
-        raise AudioError(path, "not a regular file")
-    if size == 0:
-        raise AudioError(path, "empty file (0 bytes)")
 
 
 def decoded_blocks(path: Path, block: int = DECODE_BLOCK) -> Iterator[tuple[np.ndarray, int]]:
@@ -124,11 +100,7 @@ def decoded_blocks(path: Path, block: int = DECODE_BLOCK) -> Iterator[tuple[np.n
             if x.shape[0] == 0:
                 break
             total += x.shape[0]
-            mono = x[:, 0].copy()  # the channel mean exactly as freqtag.audio.to_mono computes it
-            for c in range(1, x.shape[1]):
-                mono += x[:, c]
-            if x.shape[1] > 1:
-                mono /= np.float32(x.shape[1])
+            mono = to_mono(x)
             if not np.isfinite(mono).all():
                 raise AudioError(path, "non-finite samples (NaN or inf) in the decoded audio")
             yield mono, rate

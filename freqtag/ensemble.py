@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .overrides import WHERE
 from .submission import atomic_write, atomic_write_text, write_submission
 
 __all__ = [
@@ -53,8 +54,6 @@ __all__ = [
 SPLITS = ("validation", "test")
 COLUMNS = ("validation_pr_auc", "validation_roc_auc", "test_pr_auc", "test_roc_auc")
 OVERRIDES = Path(".hydra") / "overrides.yaml"
-# overrides that say where or on what a run was executed, not what it is: never table rows
-WHERE = ("hydra.", "paths.", "ckpt_path", "logger", "trainer.accelerator", "trainer.devices", "data.num_workers")
 UNSET = "(default)"  # the value of a key that a run did not override
 SHOWN = 5  # differing runs named in a refusal
 

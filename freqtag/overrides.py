@@ -12,9 +12,12 @@ import importlib.resources
 import os
 from typing import Any, Sequence
 
-__all__ = ["ConfigError", "check_overrides", "check_devices", "group_options"]
+__all__ = ["ConfigError", "check_overrides", "check_devices", "group_options", "WHERE"]
 
 CONF = "freqtag.conf"
+# override keys (prefixes) that say where or on what a run was executed, not what it is:
+# left out of W&B run names and tags, and never rows of the ensemble table
+WHERE = ("hydra.", "paths.", "ckpt_path", "logger", "trainer.accelerator", "trainer.devices", "data.num_workers")
 
 
 class ConfigError(ValueError):

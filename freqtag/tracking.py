@@ -18,18 +18,18 @@ from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .overrides import WHERE
+
 __all__ = ["build_logger", "job_overrides", "log_final", "finish_wandb", "log_ensemble", "run_group", "group_of"]
 
 WANDB = "pytorch_lightning.loggers.WandbLogger"
-# overrides that say where a run lives, not what it is: left out of names and tags
-_PLACE = ("hydra.", "paths.", "ckpt_path", "logger")
 
 
 def job_overrides() -> list[str]:
     """The job's own overrides (``model=convs``, ...), as Hydra recorded them; [] outside Hydra."""
     if not HydraConfig.initialized():
         return []
-    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(_PLACE)]
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(WHERE)]
 
 
 def sweep_group() -> str | None:

@@ -16,18 +16,10 @@ import torch
 from freqtag.data import JamendoDataModule
 from freqtag.features import FeatureSpec
 from freqtag.training import build_net, evaluate_tracks
+from test_training import SMALL as TRAINING_SMALL
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    "experiment=demo",
-    "data.synthetic.tracks=300",
-    "data.input_length=32",
-    "data.batch_size=16",
-    "trainer.max_epochs=3",
-    "trainer.limit_val_batches=2",
-    "trainer=ddp_cpu",
-    "trainer.devices=2",
-]
+SMALL = [*TRAINING_SMALL, "trainer=ddp_cpu", "trainer.devices=2"]  # the single-process run, on 2 CPU processes
 
 
 def train_args(data_dir: Path, out: Path, *extra: str) -> list[str]:

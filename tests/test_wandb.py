@@ -11,18 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_training import SMALL as TRAINING_SMALL
+
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2", reason="wandb is not installed")
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    "experiment=demo",
-    "data.synthetic.tracks=300",
-    "data.input_length=32",
-    "data.batch_size=16",
-    "trainer.max_epochs=2",
-    "trainer.limit_val_batches=2",
-    "logger=wandb",
-]
+# the tiny run of test_training, 2 epochs, logged to W&B (same order: the run's name is checked)
+SMALL = [{"trainer.max_epochs=3": "trainer.max_epochs=2", "logger=csv": "logger=wandb"}.get(o, o) for o in TRAINING_SMALL]
 BLOCK = 32768  # W&B's transaction log: LevelDB-style blocks of length-prefixed chunks after a 7-byte header
 
 
