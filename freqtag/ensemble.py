@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .overrides import WHERE
-from .submission import atomic_write, atomic_write_text, write_submission
+from .atomic import atomic_path, atomic_write_text
+from .submission import write_submission
 
 __all__ = [
     "SPLITS",
@@ -361,10 +362,9 @@ def plot_table(rows: Sequence[Row], path: Path) -> None:
     axes[1].legend(loc="lower right", fontsize="small")
     fig.suptitle("Ensembles of runs: average probabilities, scored (runs in parentheses)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_path, atomic_write_text
 
 __all__ = ["export_checkpoint", "sidecar", "add_export_parser", "run_export", "EXPORT_FORMATS"]
 
@@ -66,17 +67,6 @@ def sidecar(model: Any, fmt: str, file: Path) -> dict[str, Any]:
     }
 
 
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> tuple[Path, Path]:
     """Write the exported model to ``out`` and its sidecar to ``out + .json``; returns both paths."""
     import torch
@@ -98,7 +88,8 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> tuple[Path
         wrapper.net = traced  # traced for any length >= input_length; the scripted wrapper pads shorter input
         scripted = torch.jit.script(wrapper)
         extra = {"freqtag.json": json.dumps(meta)}
-        _atomic(out, lambda p: torch.jit.save(scripted, str(p), _extra_files=extra))
+        with atomic_path(out) as tmp:
+            torch.jit.save(scripted, str(tmp), _extra_files=extra)
     else:
         import onnx
 
@@ -113,9 +104,10 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> tuple[Path
         proto = program.model_proto
         entry = proto.metadata_props.add()
         entry.key, entry.value = "freqtag", json.dumps(meta)
-        _atomic(out, lambda p: onnx.save_model(proto, str(p)))
+        with atomic_path(out) as tmp:
+            onnx.save_model(proto, str(tmp))
     side = out.with_name(out.name + ".json")
-    _atomic(side, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_text(side, json.dumps(meta, indent=2) + "\n")
     return out, side
 
 

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .audio import AUDIO_EXTENSIONS, UNSUPPORTED_EXTENSIONS, AudioError
 
 __all__ = [
@@ -279,20 +280,6 @@ def _table(records: list[dict[str, Any]], errors: list[dict[str, str]], rep: Rep
     return buf.getvalue()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-# ------------------------------------------------------------------------ run
-
-
 def _plot_names(files: Sequence[Path]) -> dict[Path, str]:
     """A distinct, readable file name stem per input file (its path below their common folder)."""
     if not files:
@@ -368,7 +355,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     text = render(results, failed, rep, fmt)
     if args.out is not None:
-        write_atomic(args.out, text)
+        atomic_write_text(args.out, text)
         print(f"wrote {args.out}: {len(results)} files tagged ({fmt})", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -14,17 +14,15 @@ submission chose them on the test ground truth, an oracle.)
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
-
 import numpy as np
+
+from .atomic import atomic_path, atomic_write_text
 
 __all__ = [
     "RESULT_METRICS",
     "SubmissionError",
-    "atomic_write",
     "mediaeval_results",
     "format_results",
     "read_thresholds",
@@ -47,25 +45,9 @@ class SubmissionError(ValueError):
     """A predictions, ground-truth or thresholds file that cannot be used as given (names it and the fix)."""
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write(file)`` to a temporary name beside ``path``, then rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def mediaeval_results(

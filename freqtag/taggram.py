@@ -9,11 +9,12 @@ from every model, the window that contains its centre) and averaged there.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from .atomic import atomic_path
 
 __all__ = ["ensemble_taggram", "plot_file"]
 
@@ -30,13 +31,8 @@ def ensemble_taggram(windows: Sequence[np.ndarray], window_s: Sequence[float]) -
 
 def _save(fig: Any, path: Path) -> None:
     """savefig to a temporary name, then rename: a reader never sees half a PNG."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def plot_file(result: Any, models: Sequence[Any], tags: Sequence[str], thresholds: np.ndarray,

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_path, atomic_write_text
 from .data import DataError, JamendoDataModule
 from .faults import DiskFullError, disk_full, fault_point
 from .features import FeatureSpec
@@ -74,23 +75,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     removed after a successful save, so kills never pile up dead copies.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
             fault_point(f"checkpoint.written:{path.name}")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
         if disk_full(e):
             kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written before"
             raise DiskFullError(path, kept) from None
         raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         pid = stale.name[len(path.name) + 2 : -4]
         if pid.isdigit() and not _pid_alive(int(pid)):
@@ -205,9 +200,7 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
 
 
 def save_predictions(path: Path, track_ids: tuple[str, ...], tags: list[str], probs: np.ndarray, targets: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
             track_ids=np.array(track_ids, dtype=str),
@@ -215,17 +208,10 @@ def save_predictions(path: Path, track_ids: tuple[str, ...], tags: list[str], pr
             probs=probs.astype(np.float32),
             targets=targets.astype(np.uint8),
         )
-    os.replace(tmp, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def finalize(module: TaggingModule, dm: JamendoDataModule, swa: SWA, device: torch.device, max_epochs: int) -> None:
@@ -354,7 +340,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         save_predictions(out / "predictions" / f"{split}.npz", d.split.track_ids, dm.tags, probs, d.split.labels)
         if split == "validation":
             thresholds = best_f1_thresholds(probs, d.split.labels)
-            write_text(final.with_name("thresholds.tsv"), "".join(f"{t}\t{float(th)!r}\n" for t, th in zip(dm.tags, thresholds)))
+            atomic_write_text(final.with_name("thresholds.tsv"), "".join(f"{t}\t{float(th)!r}\n" for t, th in zip(dm.tags, thresholds)))
     if not writer:
         return metrics
     prefix = {"validation": "val", "test": "test"}
