@@ -15,15 +15,17 @@ epoch), with the same batch size and number of workers:
   default collate; ``DataLoader(batch_size=B, num_workers=W)``, which re-forks
   its workers every epoch as the reference's did.
 - ``store``: ``JamendoDataModule.train_dataloader()`` reading the HDF5 store
-  (one contiguous memory-mapped read per crop, float16), plus the DataModule's
-  ``on_after_batch_transfer`` run on the CPU (to float32, normalise, zero the
-  padding, transpose), so its output is the same tensor as the reference's.
-- ``in-memory``: the same with ``in_memory=True``: workers only pass indices and
-  ``on_after_batch_transfer`` gathers the crops from the whole store held in RAM
-  (the one-time load of the store is inside the first pass).
-
-An extra row, ``in-memory/0w``, is in-memory mode with no workers (its workers
-only pass indices), for information; it is not one of the compared pipelines.
+  (one contiguous memory-mapped read per crop, float16, transposed to
+  (bands, L) in the worker, written into the loader's shared-memory ring;
+  the batch that crosses the worker pipe holds only small numpy arrays and a
+  slot number), plus the DataModule's ``on_after_batch_transfer`` run on the
+  CPU (to float32 straight out of the slot, normalise, zero the padding), so
+  its output is the same tensor as the reference's.
+- ``in-memory``: the same with ``in_memory=True``: the store is held in RAM
+  band-major and ``on_after_batch_transfer`` gathers a batch with one
+  ``index_select`` over a strided view of every window (the one-time load of
+  the store is inside the cold pass). This mode uses no worker processes
+  (they would only pass indices), whatever ``--workers`` says.
 
 Why: the issue asks whether the single-file store is worth it (target: store
 >= 3x the reference, in-memory >= 10x). Checks: the first batches of every
@@ -36,6 +38,9 @@ threads, default 1: in training it runs on the GPU, so the CPU stand-in should
 not compete with the workers for cores (with torch's default of one thread per
 core, its OpenMP threads and the W workers oversubscribe the CPU; try
 ``--threads 0`` to see it). The reference's main process does no tensor work.
+The in-memory mode has no workers, so its main process gets the cores the
+others' W workers take: W torch threads (``--memory-threads``); the extra row
+``in-memory/1t`` is the same with one thread, for information.
 
 Passes: first a COLD pass of each pipeline (epoch 0): the page cache of its
 files is dropped just before with ``posix_fadvise(DONTNEED)`` (only our own
@@ -47,7 +52,7 @@ fraction of each pipeline's files resident in the page cache before every pass
 is measured (mincore) and recorded.
 
     python bench/loader.py [--tracks 2000] [--workers 2] [--batch-size 32] [--length 224]
-                           [--rounds 3] [--threads 1] [--no-extra] [--out bench/results/loader.json]
+                           [--rounds 3] [--threads 1] [--memory-threads W] [--out bench/results/loader.json]
 
 ``--tracks`` is the number of TRAIN tracks (= crops per epoch); the synthetic
 dataset is made with ceil(tracks / 0.6) tracks in all (its split is 60/20/20)
@@ -255,6 +260,7 @@ class Pipeline:
     make: Callable[[], tuple[DataLoader, Convert]]  # a new loader (and, for ours, a new DataModule)
     files: list[Path]
     workers: int
+    threads: int = 0  # torch threads of the main process during its passes (0: the --threads setting)
     passes: list[dict[str, Any]] = field(default_factory=list)
     loader: DataLoader | None = None
     convert: Convert | None = None
@@ -277,6 +283,9 @@ def run_epoch(p: Pipeline, epoch: int, keep: int = 0, limit: int | None = None) 
     loader, convert = p.loader, p.convert
     assert loader is not None and convert is not None
     loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    threads = torch.get_num_threads()
+    if p.threads:
+        torch.set_num_threads(p.threads)
     cached = resident_fraction(p.files) if limit is None else None
     kept: list[Batch] = []
     crops = 0
@@ -292,6 +301,7 @@ def run_epoch(p: Pipeline, epoch: int, keep: int = 0, limit: int | None = None) 
         if len(kept) < keep:
             kept.append((x.clone(), y.clone()))
     seconds = time.perf_counter() - t0
+    torch.set_num_threads(threads)
     return {"epoch": epoch, "crops": crops, "seconds": round(seconds, 4), "crops_per_s": round(crops / seconds, 1),
             "first_batch_s": round(first or 0.0, 4), "page_cache_before": None if cached is None else round(cached, 3)}, kept
 
@@ -335,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-batches", type=int, default=5, help="untimed batches per pipeline before the warm passes")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the main process (default 1; 0: torch's default, one per core)")
-    parser.add_argument("--no-extra", action="store_true",
-                        help="leave out the extra row in-memory/0w (in-memory mode with 0 workers, for information)")
+    parser.add_argument("--memory-threads", type=int, default=None,
+                        help="torch threads of the in-memory pipeline, which has no workers (default: --workers)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FREQTAG_DATA_DIR", REPO / "data")))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loader.json")
@@ -344,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     default_threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    main_threads = torch.get_num_threads()
+    memory_threads = max(1, args.workers if args.memory_threads is None else args.memory_threads)
 
     info = {**machine(), "torch_default_threads": default_threads}
     print(f"torch {info['torch']}, numpy {info['numpy']}, {info['cpus_usable']} usable CPUs of {info['cpu_count']}, "
@@ -394,11 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     pipelines = {
         "reference": Pipeline("reference", reference, npy, args.workers),
         "store": Pipeline("store", ours(False, args.workers), [store_file], args.workers),
-        "in-memory": Pipeline("in-memory", ours(True, args.workers), [store_file], args.workers),
+        "in-memory": Pipeline("in-memory", ours(True, args.workers), [store_file], 0, memory_threads),
     }
-    if args.workers > 0 and not args.no_extra:
-        # Not part of the comparison (other worker count): in in-memory mode workers only pass indices.
-        pipelines["in-memory/0w"] = Pipeline("in-memory/0w", ours(True, 0), [store_file], 0)
+    if memory_threads != 1:
+        pipelines["in-memory/1t"] = Pipeline("in-memory/1t", ours(True, args.workers), [store_file], 0, 1)
 
     # Cold passes (epoch 0), each with new loaders (new workers) after its files were dropped from the
     # page cache; the previous pipeline's workers are gone first, as their maps would pin pages. The
@@ -444,10 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = {"store >= 3x reference (warm)": summary["store"]["warm_speedup"] >= 3,
                "in-memory >= 10x reference (warm)": summary["in-memory"]["warm_speedup"] >= 10}
 
-    print(f"\n{'pipeline':13} {'workers':>7} {'cold crops/s':>13} {'x ref':>6} {'warm crops/s':>13} {'x ref':>6}   "
+    print(f"\n{'pipeline':13} {'workers':>7} {'threads':>7} {'cold crops/s':>13} {'x ref':>6} {'warm crops/s':>13} {'x ref':>6}   "
           f"(warm: median of {args.rounds})")
     for name, s in summary.items():
-        print(f"{name:13} {pipelines[name].workers:7d} {s['cold_crops_per_s']:13.1f} {s['cold_speedup']:6.2f} "
+        print(f"{name:13} {pipelines[name].workers:7d} {pipelines[name].threads or main_threads:7d} {s['cold_crops_per_s']:13.1f} {s['cold_speedup']:6.2f} "
               f"{s['warm_crops_per_s']:13.1f} {s['warm_speedup']:6.2f}")
     print(f"\nsame batches as the reference (first {check['batches']}, epoch 0): " + "; ".join(
         f"{n} max|diff| {check[n]['max_abs_diff']:.1e}, labels {'equal' if check[n]['labels_equal'] else 'DIFFER'}"
@@ -462,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                      "workers": args.workers, "train_tracks": n_crops, "store_tracks": len(dm.store),
                      "store": str(store_file), "store_bytes": store_file.stat().st_size,
                      "npy_bytes": sum(p.stat().st_size for p in npy), "rounds": args.rounds,
-                     "warmup_batches": args.warmup_batches, "main_threads": torch.get_num_threads()},
+                     "warmup_batches": args.warmup_batches, "main_threads": main_threads,
+                     "in_memory_threads": memory_threads},
         "summary": summary, "targets": targets, "check": check,
         "passes": {name: p.passes for name, p in pipelines.items()},
     }

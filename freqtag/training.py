@@ -225,12 +225,7 @@ def finalize(module: TaggingModule, dm: JamendoDataModule, swa: SWA, device: tor
     module.net.to(device)
     loader = dm.crop_loader("train", shuffle=True, epoch=max_epochs, all_ranks=True)
 
-    def batches():
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            yield dm.on_after_batch_transfer(batch, 0)["x"]
-
-    recompute_batchnorm(module.net, batches())
+    recompute_batchnorm(module.net, (dm.on_device(batch, device)["x"] for batch in loader))
     if distributed():
         for t in module.net.state_dict().values():
             torch.distributed.broadcast(t, src=0)

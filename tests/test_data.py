@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from freqtag.data import CropSampler, DataError, JamendoDataModule
+from freqtag.data import CropSampler, DataError, JamendoDataModule, RingOverwrite
 from freqtag.features import FeatureSpec
 from freqtag.jamendo import MOODTHEME_TAGS, TAGS_FILE, split_file, write_split
 from freqtag.store import StoreWriter
@@ -57,9 +57,10 @@ def batches(dm: JamendoDataModule, loader) -> list[dict[str, torch.Tensor]]:
     return [dm.on_after_batch_transfer(b, 0) for b in loader]
 
 
-def test_crops_are_exact_normalised_slices(data):
+@pytest.mark.parametrize("mode", [dict(), dict(in_memory=True), dict(num_workers=2)], ids=["store", "in-memory", "workers"])
+def test_crops_are_exact_normalised_slices(data, mode):
     root, d = data
-    dm = module(root)
+    dm = module(root, **mode)
     sampler = dm.train_dataloader().sampler
     items, starts = sampler.crops()
     split = dm.splits["train"].split
@@ -113,6 +114,30 @@ def test_workers_give_the_same_batches(data, context):
     dm0, dm2 = module(root), module(root, num_workers=2, multiprocessing_context=context)
     for a, b in zip(batches(dm0, dm0.train_dataloader()), batches(dm2, dm2.train_dataloader()), strict=True):
         torch.testing.assert_close(a["x"], b["x"])
+
+
+def test_a_batch_held_too_long_is_an_error_not_wrong_data(data):
+    # worker processes write crops into a fixed ring of shared slots; a consumer that keeps every batch
+    # unused while the workers run on must get an error, never another batch's crops
+    root, _ = data
+    dm = module(root, num_workers=2, batch_size=1)
+    loader = dm.train_dataloader()
+    held = list(loader)  # 15 batches, 10 slots
+    assert len(held) > 10
+    with pytest.raises(RingOverwrite, match="on_after_batch_transfer.*data.num_workers=0"):
+        dm.on_after_batch_transfer(held[0], 0)
+    dm.on_after_batch_transfer(held[-1], 0)  # the newest batches are still their own
+
+
+def test_crops_leave_their_slot_when_moved_to_another_device(data):
+    root, _ = data
+    dm = module(root, num_workers=2)
+    ref = module(root)
+    for raw, want in zip(dm.train_dataloader(), ref.train_dataloader(), strict=True):
+        raw = dm.on_before_batch_transfer(raw, 0)
+        moved = dm.transfer_batch_to_device(raw, torch.device("meta"), 0)
+        assert "slot" not in moved and moved["x16"].device.type == "meta"
+        assert moved["x16"].shape == want["x16"].shape and moved["x16"].dtype == torch.float16
 
 
 def test_rank_shares_partition_each_global_batch(data):
