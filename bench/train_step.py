@@ -31,7 +31,14 @@ rounds to spread drift. The overhead is reported with a standard error, and
 called measurable when it exceeds twice that.
 
     python bench/train_step.py [--steps 6] [--warmup 1] [--rounds 2] [--models freq_dep [convs]]
-                               [--shapes mel128:224 mel96:128] [--out bench/results/train_step.json]
+                               [--shapes mel128:224 mel96:128] [--malloc keep|default]
+                               [--out bench/results/train_step.json]
+
+Memory: ``train.py`` keeps freed memory in the process (``keep_freed_memory``,
+``freqtag/allocator.py``); the bench does the same for both methods (one
+process) unless ``--malloc default``. With glibc's defaults a step page-faults
+its buffers back in, and how many depends on the order of earlier frees: the
+minor faults per step of each block are recorded.
 
 Data: the synthetic demo datasets ``<data dir>/synthetic/<features>-n<tracks>-s0``
 (made on first use; data dir: $FREQTAG_DATA_DIR or ./data).
@@ -44,6 +51,7 @@ import json
 import logging
 import math
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -60,6 +68,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from freqtag.allocator import keep_freed_memory
 from freqtag.data import JamendoDataModule
 from freqtag.features import FeatureSpec
 from freqtag.losses import WeightedBCELoss
@@ -80,13 +89,15 @@ class Block:
     step_s: list[float] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
     setup_s: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)  # minor page faults per step, one figure per block
 
-    def add(self, ends: list[float], sizes: list[int], warmup: int, setup: float) -> None:
+    def add(self, ends: list[float], sizes: list[int], warmup: int, setup: float, faults: int) -> None:
         if len(ends) <= warmup:
             raise RuntimeError(f"only {len(ends)} steps ran, {warmup} of them warm-up")
         self.step_s += [b - a for a, b in zip(ends[warmup - 1 : -1], ends[warmup:])]
         self.samples += sizes[warmup:]
         self.setup_s.append(setup)
+        self.faults.append(faults // len(ends))
 
     def summary(self) -> dict[str, Any]:
         ms = [1000 * s for s in self.step_s]
@@ -98,6 +109,7 @@ class Block:
             "steps": len(ms),
             "samples": sum(self.samples),
             "setup_s": [round(s, 3) for s in self.setup_s],
+            "minor_faults_per_step": self.faults,
             "step_ms": [round(v, 1) for v in ms],
         }
 
@@ -264,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tracks", type=int, default=1000, help="tracks of the synthetic dataset (60%% train)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's default)")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: freed memory stays in the process, as train.py does (default); default: glibc's")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FREQTAG_DATA_DIR", REPO / "data")))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_step.json")
     args = parser.parse_args(argv)
@@ -271,13 +285,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--warmup, --steps and --rounds must be at least 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.malloc == "keep" else False
     args.data_dir = args.data_dir.resolve()
     quiet()
 
     info = {**machine(), "pytorch_lightning": pl.__version__}
     print(f"torch {info['torch']}, Lightning {info['pytorch_lightning']}, {info['torch_threads']} threads, "
           f"{info['cpus_usable']} usable CPUs, {info['cpu']}, load average {info['load_avg_1_5_15']}")
-    print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per block, {args.rounds} rounds")
+    print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per block, {args.rounds} rounds, "
+          f"malloc {args.malloc}{' (freed memory kept)' if kept else ''}")
 
     combos = [(model, features, length) for model in args.models for features, length in args.shapes]
     blocks = {(c, m): Block() for c in combos for m in METHODS}
@@ -302,15 +318,18 @@ def main(argv: list[str] | None = None) -> int:
                 dm = dms[(features, length)]
                 order = METHODS if (r + i) % 2 == 0 else METHODS[::-1]
                 for method in order:
+                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     if method == "lightning":
                         ends, sizes, setup = lightning_block(features, length, model, dm, args, out)
                     else:
                         ends, sizes, setup = plain_block(dm.spec.n_mels, length, model, dm, args, hp)
-                    blocks[(combo, method)].add(ends, sizes, args.warmup, setup)
+                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+                    blocks[(combo, method)].add(ends, sizes, args.warmup, setup, faults)
                     last = blocks[(combo, method)].step_s[-args.steps:]
                     print(f"  round {r + 1} {model:8} {features}/{length:<4} {method:9} "
                           f"{sum(sizes[args.warmup:]) / sum(last):7.2f} samples/s  "
-                          f"(step {1000 * statistics.fmean(last):7.0f} ms, setup {setup:.2f} s)", flush=True)
+                          f"(step {1000 * statistics.fmean(last):7.0f} ms, {faults // len(ends)} page faults/step, "
+                          f"setup {setup:.2f} s)", flush=True)
     elapsed = time.perf_counter() - started
 
     results = []
@@ -333,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**info, "load_avg_end": [round(v, 2) for v in os.getloadavg()]},
         "settings": {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
                      "tracks": args.tracks, "precision": "32-true", "loss": "weighted", "recipe": hp,
-                     "in_memory": True, "num_workers": 0, "seconds": round(elapsed, 1)},
+                     "in_memory": True, "num_workers": 0, "malloc": args.malloc, "freed_memory_kept": kept,
+                     "seconds": round(elapsed, 1)},
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .atomic import atomic_path, atomic_write_text
 from .data import DataError, JamendoDataModule
 from .faults import DiskFullError, disk_full, fault_point
@@ -279,6 +280,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Train one model as the config says and write its run directory; returns the final metrics."""
     start = time.time()
     check_devices(cfg.trainer)
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     out = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))
