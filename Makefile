@@ -26,7 +26,7 @@ test-full: install
 bench: install
 	$(BIN)/python bench/freqconv.py
 	$(BIN)/python bench/loader.py
-	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/train_step.py --steps 24 --rounds 4 --models freq_dep probe
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/predict.py
 

@@ -30,7 +30,7 @@ Blocks alternate (lightning/plain, then plain/lightning, ...) over ``--rounds``
 rounds to spread drift. The overhead is reported with a standard error, and
 called measurable when it exceeds twice that.
 
-    python bench/train_step.py [--steps 6] [--warmup 1] [--rounds 2] [--models freq_dep [convs]]
+    python bench/train_step.py [--steps 6] [--warmup 1] [--rounds 2] [--models freq_dep [convs] [probe]]
                                [--shapes mel128:224 mel96:128] [--malloc keep|default]
                                [--out bench/results/train_step.json]
 
@@ -39,6 +39,12 @@ Memory: ``train.py`` keeps freed memory in the process (``keep_freed_memory``,
 process) unless ``--malloc default``. With glibc's defaults a step page-faults
 its buffers back in, and how many depends on the order of earlier frees: the
 minor faults per step of each block are recorded.
+
+``--models probe`` adds a one-layer network (a 1x1 convolution and a mean)
+through both methods, at least 300 steps a block: its step is almost all
+framework (batch hooks, mixup, loss, optimizer), so the difference between
+the two is Lightning's own per-step cost, too small to see next to a real
+network's step.
 
 Data: the synthetic demo datasets ``<data dir>/synthetic/<features>-n<tracks>-s0``
 (made on first use; data dir: $FREQTAG_DATA_DIR or ./data).
@@ -80,6 +86,13 @@ from machine import machine  # bench/machine.py, beside this script
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("lightning", "plain")
 INIT_SEED = 1234  # both methods start from the same weights
+PROBE = "probe"
+PROBE_STEPS = 300
+
+
+def probe_net(n_mels: int, n_tags: int) -> torch.nn.Module:
+    """One 1x1 convolution and a mean: a step of it is almost all framework, so the probe shows that cost."""
+    return torch.nn.Sequential(torch.nn.Conv1d(n_mels, n_tags, 1), torch.nn.AdaptiveAvgPool1d(1))
 
 
 @dataclass
@@ -154,9 +167,9 @@ def lightning_block(features: str, length: int, model: str, dm: JamendoDataModul
                     out: Path) -> tuple[list[float], list[int], float]:
     """Hydra compose + instantiate (as freqtag.training.run does) and Trainer.fit for warmup + steps steps."""
     t0 = time.perf_counter()
-    cfg = config(features, length, model, args, out)
+    cfg = config(features, length, "freq_dep" if model == PROBE else model, args, out)
     torch.manual_seed(INIT_SEED)
-    net = build_net(cfg.model)
+    net = probe_net(dm.spec.n_mels, len(dm.tags)) if model == PROBE else build_net(cfg.model)
     module = TaggingModule(net, build_loss(cfg.loss, dm), **cfg.optim, mixup_alpha=cfg.mixup_alpha, seed=cfg.seed)
     timer = StepTimer()
     trainer: pl.Trainer = instantiate(
@@ -188,7 +201,7 @@ def plain_block(n_mels: int, length: int, model: str, dm: JamendoDataModule, arg
     """
     t0 = time.perf_counter()
     torch.manual_seed(INIT_SEED)
-    net = FreqTagNet(n_mels, length, n_tags=len(dm.tags), filters=model)
+    net = probe_net(n_mels, len(dm.tags)) if model == PROBE else FreqTagNet(n_mels, length, n_tags=len(dm.tags), filters=model)
     criterion = WeightedBCELoss(dm.positive_rates())
     opt = torch.optim.SGD(net.parameters(), lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"],
                           weight_decay=hp["weight_decay"])
@@ -270,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per block (default 6)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every block (>= 1)")
     parser.add_argument("--rounds", type=int, default=2, help="blocks per method and configuration, alternating order")
-    parser.add_argument("--models", nargs="+", default=["freq_dep"], choices=FILTERS)
+    parser.add_argument("--models", nargs="+", default=["freq_dep"], choices=(*FILTERS, PROBE),
+                        help="freq_dep, convs, and probe: a one-layer network, whose step is almost all framework")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[("mel128", 224), ("mel96", 128)],
                         metavar="FEATURES:LENGTH", help="default: mel128:224 mel96:128")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -296,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
           f"malloc {args.malloc}{' (freed memory kept)' if kept else ''}")
 
     combos = [(model, features, length) for model in args.models for features, length in args.shapes]
+    # the probe's steps take a few ms: many more of them for the same precision
+    probe_args = argparse.Namespace(**{**vars(args), "steps": max(args.steps, PROBE_STEPS), "warmup": max(args.warmup, 5)})
     blocks = {(c, m): Block() for c in combos for m in METHODS}
     dms: dict[tuple[str, int], JamendoDataModule] = {}
     started = time.perf_counter()
@@ -303,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp)
         # One in-memory DataModule per shape, built from the composed config and shared by both methods.
         for features, length in args.shapes:
-            cfg = config(features, length, args.models[0], args, out)
+            cfg = config(features, length, "freq_dep", args, out)
             spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))  # type: ignore[arg-type]
             dm: JamendoDataModule = instantiate(cfg.data, features=spec, _recursive_=False)
             dm.prepare_data()
@@ -317,18 +333,19 @@ def main(argv: list[str] | None = None) -> int:
                 model, features, length = combo
                 dm = dms[(features, length)]
                 order = METHODS if (r + i) % 2 == 0 else METHODS[::-1]
+                a = probe_args if model == PROBE else args
                 for method in order:
                     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     if method == "lightning":
-                        ends, sizes, setup = lightning_block(features, length, model, dm, args, out)
+                        ends, sizes, setup = lightning_block(features, length, model, dm, a, out)
                     else:
-                        ends, sizes, setup = plain_block(dm.spec.n_mels, length, model, dm, args, hp)
+                        ends, sizes, setup = plain_block(dm.spec.n_mels, length, model, dm, a, hp)
                     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-                    blocks[(combo, method)].add(ends, sizes, args.warmup, setup, faults)
-                    last = blocks[(combo, method)].step_s[-args.steps:]
+                    blocks[(combo, method)].add(ends, sizes, a.warmup, setup, faults)
+                    last = blocks[(combo, method)].step_s[-a.steps:]
                     print(f"  round {r + 1} {model:8} {features}/{length:<4} {method:9} "
-                          f"{sum(sizes[args.warmup:]) / sum(last):7.2f} samples/s  "
-                          f"(step {1000 * statistics.fmean(last):7.0f} ms, {faults // len(ends)} page faults/step, "
+                          f"{sum(sizes[a.warmup:]) / sum(last):7.2f} samples/s  "
+                          f"(step {1000 * statistics.fmean(last):7.1f} ms, {faults // len(ends)} page faults/step, "
                           f"setup {setup:.2f} s)", flush=True)
     elapsed = time.perf_counter() - started
 
