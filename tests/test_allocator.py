@@ -14,7 +14,7 @@ applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
                           torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
-x = torch.randn(32, 1, 96, 128)  # one batch: each activation is 25 MB, a step allocates about 200 MB
+x = torch.randn(32, 1, 128, 224)  # each activation 59 MB: above glibc's largest mmap threshold (32 MB)
 def step():
     net(x).sum().backward()
 def faults():
@@ -39,7 +39,7 @@ def test_training_steps_reuse_memory_instead_of_page_faulting():
     _, default = faults_per_step("default")
     if not applied:
         pytest.skip("this C library has no mallopt (not glibc)")
-    activation_pages = (32 * 16 * 96 * 128 * 4) // 4096
+    activation_pages = (32 * 16 * 128 * 224 * 4) // 4096
     assert default >= 2 * activation_pages  # glibc's default: big buffers mapped afresh and faulted in every step
     # kept: the memory of the steps before (a step now and then still takes one new buffer: 0-3.7k faults measured)
     assert kept * 4 < default
