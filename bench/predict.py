@@ -21,7 +21,12 @@
    files are all included), next to the child's RSS after its imports and the
    model load. The target is a peak that does not grow with the length.
 
-    python bench/predict.py [--tracks 3] [--rounds 2] [--minutes 5 20 60] [--out bench/results/predict.json]
+Both run with freed memory kept in the process, as ``freqtag predict`` does
+(``keep_freed_memory``; ``--malloc default`` leaves glibc's defaults, with
+which a chunk page-faults the network's buffers back in).
+
+    python bench/predict.py [--tracks 3] [--rounds 2] [--minutes 5 20 60] [--malloc keep|default]
+                            [--out bench/results/predict.json]
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from freqtag.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -117,11 +124,13 @@ def _status(key: str) -> int:
     raise OSError(f"{key} not in /proc/self/status")
 
 
-def child(ckpt: str, audio: str) -> None:
+def child(ckpt: str, audio: str, malloc: str) -> None:
     """Run in a fresh process: RSS after loading, peak RSS after tagging (KiB, Linux ru_maxrss)."""
     from freqtag.predict import tag_file
     from freqtag.tagger import load_model
 
+    if malloc == "keep":
+        keep_freed_memory()
     torch.set_num_threads(1)
     model = load_model(ckpt)
     try:  # reset the peak (VmHWM) to the current RSS: the imports' own transient peak is not the tagging's
@@ -143,7 +152,7 @@ def memory(args: argparse.Namespace, scratch: Path) -> list[dict]:
     for minutes in args.minutes:
         wav = scratch / f"{minutes:g}min.wav"
         write_audio(wav, minutes)
-        res = subprocess.run([sys.executable, __file__, "--child", str(ckpt), str(wav)], capture_output=True,
+        res = subprocess.run([sys.executable, __file__, "--child", str(ckpt), str(wav), args.malloc], capture_output=True,
                              text=True, check=True)
         wav.unlink()
         row = {"minutes": minutes, **json.loads(res.stdout.strip().splitlines()[-1])}
@@ -161,22 +170,27 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--minutes", type=float, nargs="+", default=[5.0, 20.0, 60.0])
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predict.json")
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: freed memory stays in the process, as `freqtag predict` does (default); default: glibc's")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.malloc == "keep":
+        keep_freed_memory()
     from machine import machine
 
     scratch = Path(os.environ.get("FREQTAG_DATA_DIR", REPO / "data")) / "bench" / "predict"
     scratch.mkdir(parents=True, exist_ok=True)
-    print(f"throughput: {args.tracks} tracks of 4 minutes, freq_dep mel128 x 224, {args.rounds} rounds", flush=True)
+    print(f"throughput: {args.tracks} tracks of 4 minutes, freq_dep mel128 x 224, {args.rounds} rounds, "
+          f"malloc {args.malloc}", flush=True)
     tp = throughput(args, scratch)
     r = tp["tracks_per_s"]
     print(f"  reference {r['reference']:.3f} tracks/s, freqtag {r['freqtag']:.3f} tracks/s, ratio {tp['ratio']:.3f}")
     print("peak memory of tag_file (mel128, fresh process each):", flush=True)
     mem = memory(args, scratch)
-    result = {"machine": machine(), "throughput": tp, "memory": mem}
+    result = {"machine": machine(), "malloc": args.malloc, "throughput": tp, "memory": mem}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

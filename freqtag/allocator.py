@@ -8,7 +8,8 @@ mel96 x 128, batch 32 (``bench/train_step.py``), 100-135k minor faults and
 460-500 ms per step; with freed memory kept, 0-26k faults and 360-370 ms.
 How many faults a step takes also depends on the order of earlier frees,
 which is why a Lightning loop and a plain loop over the same network differed
-by 7% with the defaults and by nothing with memory kept.
+by 7% with the defaults and by nothing with memory kept. ``freqtag predict``
+keeps it too (2.1x the tracks/s, ``bench/predict.py``), unless ``--low-memory``.
 """
 
 from __future__ import annotations

@@ -278,3 +278,7 @@ def test_command_lines(runs, audio, tmp_path):
     res = subprocess.run([freqtag, "predict", "--ckpt", str(runs["mel96"]), "--format", "yaml", str(audio["wav"])],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+    # --low-memory gives freed memory back between chunks instead of keeping it: the same tags either way
+    tagged = [subprocess.run([freqtag, "predict", "--ckpt", str(runs["mel96"]), str(audio["wav"]), "--format", "json",
+                              *extra], capture_output=True, text=True, check=True).stdout for extra in ([], ["--low-memory"])]
+    assert json.loads(tagged[0]) == json.loads(tagged[1])
