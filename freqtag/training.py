@@ -224,9 +224,18 @@ def finalize(module: TaggingModule, dm: JamendoDataModule, swa: SWA, device: tor
     """
     swa.apply(module)
     module.net.to(device)
-    loader = dm.crop_loader("train", shuffle=True, epoch=max_epochs, all_ranks=True)
-
-    recompute_batchnorm(module.net, (dm.on_device(batch, device)["x"] for batch in loader))
+    loader = iter(dm.crop_loader("train", shuffle=True, epoch=max_epochs, all_ranks=True))
+    # dropout is active in this pass: its masks come from a generator seeded here, after the loader drew its
+    # own seed, so they do not depend on how many loader iterators training happened to create (one per
+    # epoch without workers, one in all with persistent workers)
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        seed = module.hparams.seed * 1_000_003 + 999_983
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+        recompute_batchnorm(module.net, (dm.on_device(batch, device)["x"] for batch in loader))
     if distributed():
         for t in module.net.state_dict().values():
             torch.distributed.broadcast(t, src=0)

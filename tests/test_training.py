@@ -111,6 +111,16 @@ def test_same_seed_same_metrics(finished, tmp_path):
     assert run(cfg) == metrics
 
 
+def test_worker_processes_and_the_store_give_the_same_metrics(finished, tmp_path):
+    """The store read by 2 worker processes (crops through the shared-memory ring) = the in-memory run."""
+    run_dir, cfg, metrics = finished
+    assert cfg.data.in_memory and cfg.data.num_workers == 0
+    cfg = config(tmp_path, "data.in_memory=false", "data.num_workers=2")
+    with open_dict(cfg):
+        cfg.paths.data_dir = str(run_dir.parent / "data")
+    assert run(cfg) == metrics
+
+
 def test_resume_after_kill_gives_the_same_predictions(finished, tmp_path):
     """A run killed with SIGKILL after its first epoch, resumed from last.ckpt, ends like the uninterrupted one."""
     run_dir, _, _ = finished
