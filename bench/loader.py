@@ -18,7 +18,7 @@ epoch), with the same batch size and number of workers:
   (one contiguous memory-mapped read per crop, float16, transposed to
   (bands, L) in the worker, written into the loader's shared-memory ring;
   the batch that crosses the worker pipe holds only small numpy arrays and a
-  slot number), plus the DataModule's ``on_after_batch_transfer`` run on the
+  slot number), plus the DataModule's batch hooks (``on_device``) run on the
   CPU (to float32 straight out of the slot, normalise, zero the padding), so
   its output is the same tensor as the reference's.
 - ``in-memory``: the same with ``in_memory=True``: the store is held in RAM
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             new = datamodule(in_memory, workers)
 
             def convert(b: dict[str, torch.Tensor]) -> Batch:
-                b = new.on_after_batch_transfer(b, 0)  # on the CPU here: float32, normalised, (B, bands, L)
+                b = new.on_device(b, torch.device("cpu"))  # the batch hooks on the CPU: float32, normalised, (B, bands, L)
                 return b["x"], b["y"]
 
             return new.train_dataloader(), convert

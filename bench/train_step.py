@@ -218,7 +218,7 @@ def plain_block(n_mels: int, length: int, model: str, dm: JamendoDataModule, arg
         loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         running = 0.0
         for batch in loader:
-            batch = dm.on_after_batch_transfer(batch, 0)
+            batch = dm.on_device(batch, torch.device("cpu"))
             x, y = batch["x"], batch["y"].float()
             lam = float(np.random.beta(alpha, alpha))
             perm = torch.randperm(len(x))
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     last = blocks[(combo, method)].step_s[-a.steps:]
                     print(f"  round {r + 1} {model:8} {features}/{length:<4} {method:9} "
                           f"{sum(sizes[a.warmup:]) / sum(last):7.2f} samples/s  "
-                          f"(step {1000 * statistics.fmean(last):7.1f} ms, {faults // len(ends)} page faults/step, "
+                          f"(step {1000 * statistics.fmean(last):7.1f} ms, {blocks[(combo, method)].faults[-1]} page faults/step, "
                           f"setup {setup:.2f} s)", flush=True)
     elapsed = time.perf_counter() - started
 

@@ -113,7 +113,6 @@ def normalised(x16: torch.Tensor, valid: np.ndarray | None, mean: float, std: fl
 _RINGS: "weakref.WeakValueDictionary[int, CropRing]" = weakref.WeakValueDictionary()
 _RING_IDS = itertools.count(1)
 PREFETCH = 2  # batches each worker process makes ahead (the DataLoader's prefetch_factor)
-_LOAD_BLOCK = 1 << 16  # frames per block when loading the in-memory frames
 RING_HOLD = 3  # batches a consumer may hold, beyond the DataLoader's prefetch, before a slot is reused
 
 
@@ -129,13 +128,14 @@ class CropRing:
     that caps the DataLoader at about 750 batches/s with nothing in them, and
     at 9k crops/s with the crops. Slots made once, before the workers start,
     cost nothing per batch. Each worker cycles through its own
-    ``prefetch + RING_HOLD`` slots, and a slot's sequence number (0 while it
+    ``PREFETCH + RING_HOLD`` slots, and a slot's sequence number (0 while it
     is being written) shows whether it still holds the batch a reader asks for.
     """
 
-    def __init__(self, workers: int, prefetch: int, batch: int, bands: int, length: int) -> None:
+    per_worker = PREFETCH + RING_HOLD
+
+    def __init__(self, workers: int, batch: int, bands: int, length: int) -> None:
         self.id = next(_RING_IDS)
-        self.per_worker = prefetch + RING_HOLD
         self.x = torch.zeros((workers * self.per_worker, batch, bands, length), dtype=torch.float16).share_memory_()
         self.seq = torch.zeros(workers * self.per_worker, dtype=torch.int64).share_memory_()
         self._written = 0  # batches this worker process wrote
@@ -158,7 +158,8 @@ class CropRing:
             raise RingOverwrite(
                 f"a crop batch was overwritten in its shared-memory slot before it was used: whatever iterates "
                 f"the loader held more than {RING_HOLD} batches without passing them through the DataModule's "
-                f"on_after_batch_transfer; use each batch before taking the next, or set data.num_workers=0"
+                f"hooks (Lightning's on_before_batch_transfer .. on_after_batch_transfer, or dm.on_device); use "
+                f"each batch before taking the next, or set data.num_workers=0"
             )
 
     @staticmethod
@@ -200,6 +201,7 @@ class CropDataset(Dataset):
         self.input_length = input_length
         self.in_memory = in_memory
         self.ring: CropRing | None = None  # set by the DataModule for worker processes
+        self._buffer: np.ndarray | None = None  # this process's (B, L, bands) read buffer
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -216,8 +218,11 @@ class CropDataset(Dataset):
         out: dict[str, Any] = {"item": items, "row": rows, "start": starts, "valid": valid, "y": self.labels[items]}
         if self.in_memory:
             return out
-        # time-major frames: one contiguous read per crop into a (B, L, bands) buffer, then one transposing copy
-        x = np.zeros((len(items), L, self.store.n_bands), dtype=np.float16)
+        # time-major frames: one contiguous read per crop into this process's buffer, then one transposing
+        # copy; frames past ``valid`` are left as they are (the normalisation sets them to 0)
+        if self._buffer is None or len(self._buffer) < len(items):
+            self._buffer = np.empty((len(items), L, self.store.n_bands), dtype=np.float16)
+        x = self._buffer[: len(items)]
         frames, offsets = self.store.frames, self.store.offsets
         for k in range(len(items)):
             o, v = int(offsets[rows[k]] + starts[k]), int(valid[k])
@@ -414,11 +419,11 @@ class JamendoDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def _loader(self, dataset: Dataset, sampler: Sampler, ring_batch: int = 0) -> DataLoader:
-        # in-memory crops are gathered in the main process (or on the GPU): workers would only pass indices
-        workers = 0 if isinstance(dataset, CropDataset) and dataset.in_memory else self.num_workers
         crops = isinstance(dataset, CropDataset)
-        if crops and workers > 0 and not dataset.in_memory:
-            dataset.ring = CropRing(workers, PREFETCH, ring_batch, self.spec.n_mels, self.input_length)
+        # in-memory crops are gathered in the main process (or on the GPU): workers would only pass indices
+        workers = 0 if crops and dataset.in_memory else self.num_workers
+        if crops and workers > 0:
+            dataset.ring = CropRing(workers, ring_batch, self.spec.n_mels, self.input_length)
         return DataLoader(
             dataset,
             sampler=sampler,
@@ -443,8 +448,8 @@ class JamendoDataModule(pl.LightningDataModule):
         """Crops of a split, this rank's share of every global batch (``all_ranks``: the whole batches).
 
         Its batches hold numpy arrays (and, from worker processes, a slot of
-        shared memory instead of the crops): pass each through
-        ``on_after_batch_transfer`` (Lightning does) before taking the next.
+        shared memory instead of the crops): pass each through the batch
+        hooks (Lightning does; by hand: ``on_device``) before taking the next.
         """
         ds = self.crop_dataset(split)
         rank, world = (0, 1) if all_ranks else self._rank()
@@ -487,7 +492,6 @@ class JamendoDataModule(pl.LightningDataModule):
         """Normalise the batch's float16 crops on its device (gathering them first in the in-memory mode)."""
         if "x" in batch:
             return batch
-        batch = self.on_before_batch_transfer(batch, dataloader_idx)  # for callers that skip the other hooks
         valid = batch["valid"].cpu().numpy()
         if "slot" in batch:  # on the CPU: normalise straight out of the shared slot
             batch["x"] = CropRing.read(batch, lambda x: normalised(x, valid, self.mean, self.std))
@@ -508,22 +512,12 @@ class JamendoDataModule(pl.LightningDataModule):
         assert self.store is not None
         device = rows.device
         if self._frames is None or self._frames.device != device:
-            self._frames = self._load_band_major().to(device)
+            self._frames = torch.from_numpy(self.store.load_band_major(pad=self.input_length)).to(device)
             self._offsets = torch.from_numpy(self.store.offsets).to(device)
         frames = self._frames
         n = frames.shape[1] - self.input_length
         windows = frames.as_strided((n, frames.shape[0], self.input_length), (1, frames.shape[1], 1))
-        return windows.index_select(0, self._offsets[rows.to(device)] + starts.to(device))
-
-    def _load_band_major(self) -> torch.Tensor:
-        assert self.store is not None
-        frames = self.store.frames
-        n, bands = frames.shape
-        out = torch.zeros((bands, n + self.input_length), dtype=torch.float16)
-        for a in range(0, n, _LOAD_BLOCK):  # block by block: never a second copy of the store in RAM
-            b = min(a + _LOAD_BLOCK, n)
-            out[:, a:b].copy_(torch.from_numpy(np.array(frames[a:b])).t())
-        return out
+        return windows.index_select(0, self._offsets[rows] + starts)
 
 
 def _numpy_batch(batch: dict[str, Any]) -> dict[str, Any]:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .overrides import WHERE
 from .atomic import atomic_path, atomic_write_text
+from .overrides import WHERE
 from .submission import write_submission
 
 __all__ = [

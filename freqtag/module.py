@@ -16,7 +16,19 @@ from torch import nn
 from .losses import mixup_loss
 from .metrics import tagging_scores
 
-__all__ = ["TaggingModule", "track_probabilities"]
+__all__ = ["TaggingModule", "track_probabilities", "seed_dropout"]
+
+
+def seed_dropout(seed: int, device: torch.device) -> None:
+    """Seed the generator that dropout masks on ``device`` come from, and only that one.
+
+    ``torch.manual_seed`` also queues a seed for every lazily initialised
+    accelerator, with a formatted stack trace each time: 0.1 ms a step for nothing.
+    """
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def track_probabilities(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +63,7 @@ class TaggingModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # dropout masks depend on (seed, step, rank) only, so a resumed run replays them exactly
         # (Lightning skips on_train_epoch_start for the epoch it resumes in, so seed per step)
-        # (only the generator the masks come from: torch.manual_seed also queues a seed for every lazily
-        # initialised accelerator, with a formatted stack trace each time, 0.1 ms a step for nothing)
-        seed = (self.hparams.seed * 1_000_003 + self.global_step) * 64 + self.global_rank
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(seed)
-        else:
-            torch.default_generator.manual_seed(seed)
+        seed_dropout((self.hparams.seed * 1_000_003 + self.global_step) * 64 + self.global_rank, self.device)
 
     def mixup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Reference mixup: one lam ~ Beta(a, a) per batch, a random permutation of the batch."""

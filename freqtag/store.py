@@ -45,6 +45,7 @@ FORMAT = "freqtag-store"
 VERSION = 1
 DTYPE = np.float16
 _OPEN_PARTS = 16  # npz parts kept open at once while assembling
+_LOAD_FRAMES = 1 << 16  # frames per block when loading the store band-major (16 MB of mel128)
 _SCAN_FRAMES = 1 << 18  # frames per block when scanning for non-finite values (64 MB of mel128)
 _SPACE_MARGIN = 1 << 20  # bytes beyond the frames and index that assembling a store may take (HDF5 metadata)
 _EXP16 = np.uint16(0x7C00)  # float16 exponent bits: all set means inf or NaN
@@ -216,9 +217,16 @@ class FeatureStore:
         o = int(self.offsets[row]) + start
         return np.array(self.frames[o : o + length])
 
-    def load(self) -> np.ndarray:
-        """The whole (total_frames, n_bands) array in RAM (the in-memory mode)."""
-        return np.array(self.frames)
+    def load_band_major(self, pad: int = 0) -> np.ndarray:
+        """Every frame in RAM, band-major: (n_bands, total_frames + pad) float16, the ``pad`` extra frames 0.
+
+        Converted block by block from the map, so RAM never holds a second copy of the store.
+        """
+        out = np.zeros((self.n_bands, self.n_frames + pad), dtype=DTYPE)
+        for a in range(0, self.n_frames, _LOAD_FRAMES):
+            b = min(a + _LOAD_FRAMES, self.n_frames)
+            out[:, a:b] = self.frames[a:b].T
+        return out
 
     def missing(self, track_ids: Iterable[str]) -> list[str]:
         return [t for t in track_ids if t not in self.row]

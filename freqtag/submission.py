@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 
 from .atomic import atomic_path, atomic_write_text

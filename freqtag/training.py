@@ -35,7 +35,7 @@ from .faults import DiskFullError, disk_full, fault_point
 from .features import FeatureSpec
 from .jamendo import JamendoFormatError
 from .metrics import best_f1_thresholds, tagging_scores
-from .module import TaggingModule, track_probabilities
+from .module import TaggingModule, seed_dropout, track_probabilities
 from .overrides import ConfigError, check_devices, check_overrides
 from .store import StoreError
 from .swa import SWA, recompute_batchnorm
@@ -186,8 +186,7 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
     seen = torch.zeros(n, dtype=torch.int32, device=device)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for batch in loader:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        batch = dm.on_after_batch_transfer(batch, 0)
+        batch = dm.on_device(batch, device)
         with autocast:
             probs[batch["item"]] = track_probabilities(net, batch["x"])
         seen[batch["item"]] += 1
@@ -228,13 +227,8 @@ def finalize(module: TaggingModule, dm: JamendoDataModule, swa: SWA, device: tor
     # dropout is active in this pass: its masks come from a generator seeded here, after the loader drew its
     # own seed, so they do not depend on how many loader iterators training happened to create (one per
     # epoch without workers, one in all with persistent workers)
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        seed = module.hparams.seed * 1_000_003 + 999_983
-        if cuda:
-            torch.cuda.manual_seed(seed)
-        else:
-            torch.default_generator.manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        seed_dropout(module.hparams.seed * 1_000_003 + 999_983, device)
         recompute_batchnorm(module.net, (dm.on_device(batch, device)["x"] for batch in loader))
     if distributed():
         for t in module.net.state_dict().values():

@@ -54,7 +54,7 @@ def data(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def batches(dm: JamendoDataModule, loader) -> list[dict[str, torch.Tensor]]:
-    return [dm.on_after_batch_transfer(b, 0) for b in loader]
+    return [dm.on_device(b, torch.device("cpu")) for b in loader]
 
 
 @pytest.mark.parametrize("mode", [dict(), dict(in_memory=True), dict(num_workers=2)], ids=["store", "in-memory", "workers"])
@@ -125,8 +125,8 @@ def test_a_batch_held_too_long_is_an_error_not_wrong_data(data):
     held = list(loader)  # 15 batches, 10 slots
     assert len(held) > 10
     with pytest.raises(RingOverwrite, match="on_after_batch_transfer.*data.num_workers=0"):
-        dm.on_after_batch_transfer(held[0], 0)
-    dm.on_after_batch_transfer(held[-1], 0)  # the newest batches are still their own
+        dm.on_device(held[0], torch.device("cpu"))
+    dm.on_device(held[-1], torch.device("cpu"))  # the newest batches are still their own
 
 
 def test_crops_leave_their_slot_when_moved_to_another_device(data):

@@ -69,7 +69,7 @@ def test_crops_are_exact(store_path: Path, tracks) -> None:
             length = int(rng.integers(1, len(x) + 1))
             start = int(rng.integers(0, len(x) - length + 1))
             np.testing.assert_array_equal(store.crop(row, start, length), x[start : start + length].astype(np.float16))
-    np.testing.assert_array_equal(store.load(), np.concatenate(list(tracks.values())).astype(np.float16))
+    np.testing.assert_array_equal(store.frames, np.concatenate(list(tracks.values())).astype(np.float16))
 
 
 def test_stats_from_train_ids_only(tmp_path: Path, tracks) -> None:
@@ -127,7 +127,7 @@ def test_resume_sees_done_tracks(tmp_path: Path, tracks) -> None:
     second.add([(t, tracks[t]) for t in second.todo()])
     resumed = FeatureStore(second.finish(ids[:8], "train"))
     whole = FeatureStore(write_store(tmp_path / "whole.h5", tracks, ids[:8]))
-    np.testing.assert_array_equal(resumed.load(), whole.load())
+    np.testing.assert_array_equal(resumed.frames, whole.frames)
     assert (resumed.mean, resumed.std) == (whole.mean, whole.std)
     assert not (tmp_path / "s.h5.partial").exists()
 
