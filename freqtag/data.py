@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .features import FeatureSpec
 from .jamendo import SPLITS, Split, read_split, read_tags, split_file
+from .memory import check_fits, gib, out_of_memory
 from .store import FeatureStore, StoreError
 
 __all__ = ["CropSampler", "CropDataset", "CropRing", "RingOverwrite", "TrackDataset", "TrackSampler", "JamendoDataModule", "DataError"]
@@ -29,6 +30,10 @@ __all__ = ["CropSampler", "CropDataset", "CropRing", "RingOverwrite", "TrackData
 
 class DataError(RuntimeError):
     """The configured data cannot be used (names the file or setting and the fix)."""
+
+
+IN_MEMORY_FIX = ("set data.in_memory=false (loader workers read crops from the store on disk), or run fewer "
+                 "ranks or grid jobs per device")
 
 
 def _seed_for(*parts: int) -> np.random.Generator:
@@ -328,6 +333,7 @@ class JamendoDataModule(pl.LightningDataModule):
         self.splits: dict[str, SplitData] = {}
         self.tags: list[str] = []
         self._frames: torch.Tensor | None = None
+        self._offsets: torch.Tensor | None = None
 
     # -- set-up -------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -396,6 +402,27 @@ class JamendoDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.check()
 
+    def in_memory_bytes(self) -> int:
+        """What ``in_memory=true`` puts on the training device: the store band-major, plus one crop of padding."""
+        self.check()
+        assert self.store is not None
+        return self.store.band_major_bytes(pad=self.input_length)
+
+    def check_fits(self, device: torch.device, copies: int = 1) -> None:
+        """With ``in_memory``, stop before training if the store (once per rank sharing ``device``) does not fit.
+
+        ``copies``: ranks that each hold the store in this memory (CPU DDP ranks share the host's RAM).
+        """
+        if not self.in_memory:
+            return
+        what = f"data.in_memory=true: the store {self.store_path}" + (f" x {copies} ranks" if copies > 1 else "")
+        check_fits(self.in_memory_bytes() * copies, device, what, IN_MEMORY_FIX)
+
+    def release(self) -> None:
+        """Drop the in-memory store (RAM or GPU memory) now, not when the garbage collector gets to it."""
+        self._frames = None
+        self._offsets = None
+
     @property
     def mean(self) -> float:
         assert self.store is not None
@@ -418,6 +445,11 @@ class JamendoDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def _on_gpu(self) -> bool:
+        """Pinned host memory only helps (and only works) when the batches go to a GPU."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, dataset: Dataset, sampler: Sampler, ring_batch: int = 0) -> DataLoader:
         crops = isinstance(dataset, CropDataset)
         # in-memory crops are gathered in the main process (or on the GPU): workers would only pass indices
@@ -431,7 +463,7 @@ class JamendoDataModule(pl.LightningDataModule):
             num_workers=workers,
             prefetch_factor=PREFETCH if workers > 0 else None,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available() and not crops,
+            pin_memory=self._on_gpu() and not crops,
             collate_fn=_numpy_batch if crops else None,
             multiprocessing_context=self.multiprocessing_context if workers > 0 else None,
         )
@@ -512,7 +544,10 @@ class JamendoDataModule(pl.LightningDataModule):
         assert self.store is not None
         device = rows.device
         if self._frames is None or self._frames.device != device:
-            self._frames = torch.from_numpy(self.store.load_band_major(pad=self.input_length)).to(device)
+            self._frames = None  # a copy on another device goes before the new one is made
+            with out_of_memory(f"data.in_memory=true: the store {self.store_path} "
+                               f"({gib(self.in_memory_bytes())}) on {device}", IN_MEMORY_FIX):
+                self._frames = self.store.load_band_major(pad=self.input_length, device=device)
             self._offsets = torch.from_numpy(self.store.offsets).to(device)
         frames = self._frames
         n = frames.shape[1] - self.input_length

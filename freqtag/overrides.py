@@ -12,7 +12,7 @@ import importlib.resources
 import os
 from typing import Any, Sequence
 
-__all__ = ["ConfigError", "check_overrides", "check_devices", "group_options", "WHERE"]
+__all__ = ["ConfigError", "check_overrides", "check_devices", "uses_gpu", "group_options", "WHERE"]
 
 CONF = "freqtag.conf"
 # override keys (prefixes) that say where or on what a run was executed, not what it is:
@@ -63,12 +63,25 @@ def _count(devices: Any, available: int) -> int | None:
     return int(devices)
 
 
+def uses_gpu(accelerator: Any) -> bool:
+    """Whether ``trainer.accelerator`` puts a run on CUDA GPUs (``auto``: when one is visible)."""
+    import torch
+
+    if not isinstance(accelerator, str):  # an Accelerator instance passed in code
+        from lightning_fabric.accelerators import CUDAAccelerator
+
+        return isinstance(accelerator, CUDAAccelerator)
+    if accelerator == "auto":
+        return torch.cuda.is_available()
+    return accelerator in ("gpu", "cuda")
+
+
 def check_devices(trainer_cfg: Any) -> None:
     """``trainer.devices`` against what this machine has (GPUs, or CPU cores for CPU processes)."""
     import torch
 
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    gpu = uses_gpu(accelerator)
     available = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
     try:
         wanted = _count(trainer_cfg.get("devices"), available)

@@ -292,11 +292,15 @@ def _plot_names(files: Sequence[Path]) -> dict[Path, str]:
     return {f: str(r.relative_to(root)).replace(os.sep, "__") for f, r in zip(files, resolved)}
 
 
+OOM_FIX = "lower --batch-size (windows per forward pass), or use --device cpu"
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Tag every input; 0 when all were tagged, 1 when some failed, 2 for a usage error."""
     from rich.console import Console
 
     from .allocator import keep_freed_memory
+    from .memory import OutOfMemory, out_of_memory, release_device_memory
     from .tagger import CheckpointError, ensemble_thresholds, load_models, resolve_device
 
     err = Console(stderr=True)
@@ -323,11 +327,15 @@ def run_predict(args: argparse.Namespace) -> int:
         return usage(f"--windows needs --format json or jsonl (the output format is {fmt})")
     try:
         device = resolve_device(args.device)
-        models = load_models(args.ckpt, device)
+        with out_of_memory(f"the model{'s' if len(args.ckpt) > 1 else ''} on {device}", OOM_FIX):
+            models = load_models(args.ckpt, device)
         if fixed is None:
             thresholds, source = ensemble_thresholds(models)
         else:
             thresholds, source = np.full(len(models[0].tags), fixed), f"threshold {fixed:g}"
+    except OutOfMemory as e:
+        print(f"freqtag predict: error: {e}", file=sys.stderr)
+        return 1
     except (CheckpointError, ValueError, OSError) as e:
         return usage(str(e))
 
@@ -347,10 +355,14 @@ def run_predict(args: argparse.Namespace) -> int:
         for f in files:
             progress.update(task, description=f.name)
             try:
-                r = tag_file(f, models, args.batch_size)
-            except AudioError as e:
-                failed.append((str(f), e.reason))
-                progress.console.print(f"[yellow]skipped[/yellow] {f}: {e.reason}")
+                with out_of_memory(f"tagging on {device}", OOM_FIX):
+                    r = tag_file(f, models, args.batch_size)
+            except (AudioError, OutOfMemory) as e:
+                reason = e.reason if isinstance(e, AudioError) else str(e)
+                failed.append((str(f), reason))
+                progress.console.print(f"[yellow]skipped[/yellow] {f}: {reason}")
+                if isinstance(e, OutOfMemory):
+                    release_device_memory()
             else:
                 if args.plot is not None:
                     from .taggram import plot_file

@@ -16,7 +16,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-__all__ = ["SWA", "recompute_batchnorm"]
+__all__ = ["SWA", "recompute_batchnorm", "average_dtype"]
+
+
+def average_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Averages are kept in float32 at least (bf16/fp16 parameters would lose the small updates)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class SWA(pl.Callback):
@@ -36,14 +41,22 @@ class SWA(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch < self.first_epoch(trainer.max_epochs):
             return
-        params = {k: p.detach() for k, p in pl_module.named_parameters()}
+        self.update(pl_module)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        """Fold the current parameters into the average, which lives on each parameter's device."""
         self.n_averaged += 1
-        with torch.no_grad():
-            for k, p in params.items():
-                if k not in self.average:
-                    self.average[k] = p.clone().float()
-                else:
-                    self.average[k] += (p.float() - self.average[k]) / self.n_averaged
+        for k, p in module.named_parameters():
+            p = p.detach()
+            dtype = average_dtype(p.dtype)
+            if k not in self.average:
+                self.average[k] = p.to(dtype, copy=True)
+                continue
+            avg = self.average[k]
+            if avg.device != p.device or avg.dtype != dtype:  # came back from last.ckpt on the CPU
+                avg = self.average[k] = avg.to(p.device, dtype)
+            avg += (p.to(dtype) - avg) / self.n_averaged
 
     def apply(self, module: nn.Module) -> None:
         """Load the averaged parameters into ``module`` (BatchNorm still to be recomputed)."""
@@ -58,6 +71,7 @@ class SWA(pl.Callback):
                 "average": {k: v.cpu() for k, v in self.average.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning hands the state over on the CPU: each average moves to its parameter's device in ``update``."""
         self.fraction = state_dict["fraction"]
         self.n_averaged = state_dict["n_averaged"]
         self.average = {k: v.clone() for k, v in state_dict["average"].items()}

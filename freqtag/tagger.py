@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .features import FeatureSpec
+from .precision import evaluation_precision
 
 __all__ = [
     "TaggerModel",
@@ -139,8 +140,12 @@ class TaggerModel:
 
     @torch.inference_mode()
     def window_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, bands, T) normalised -> (B, W, n_tags) float32: sigmoid of each window's logits."""
-        return torch.sigmoid(self.net(x).float()).transpose(1, 2)
+        """(B, bands, T) normalised -> (B, W, n_tags) float32: sigmoid of each window's logits.
+
+        In IEEE float32 without autocast, as training's whole-track evaluation.
+        """
+        with evaluation_precision(self.device):
+            return torch.sigmoid(self.net(x).float()).transpose(1, 2)
 
     def stream(self, chunk_windows: int | None = None) -> "WindowStream":
         return WindowStream(self, chunk_windows)

@@ -34,9 +34,11 @@ from .data import DataError, JamendoDataModule
 from .faults import DiskFullError, disk_full, fault_point
 from .features import FeatureSpec
 from .jamendo import JamendoFormatError
+from .memory import OutOfMemory, out_of_memory, release_device_memory
 from .metrics import best_f1_thresholds, tagging_scores
 from .module import TaggingModule, seed_dropout, track_probabilities
-from .overrides import ConfigError, check_devices, check_overrides
+from .overrides import ConfigError, check_devices, check_overrides, uses_gpu
+from .precision import evaluation_precision, set_fp32_precision
 from .store import StoreError
 from .swa import SWA, recompute_batchnorm
 from .tracking import build_logger, finish_wandb, log_final
@@ -157,10 +159,14 @@ def build_loss(loss_cfg: DictConfig, dm: JamendoDataModule) -> nn.Module:
     return instantiate(loss_cfg)
 
 
-def resolve_precision(precision: str | int) -> str | int:
-    """'auto': mixed precision on a GPU, 32-bit on CPU (the reference used AMP on its GPU)."""
+def resolve_precision(precision: str | int, accelerator: Any = "auto") -> str | int:
+    """'auto': mixed precision (16-mixed, as the reference's AMP) on a GPU, 32-bit on the CPU.
+
+    Decided by the accelerator the run actually uses: a visible GPU must not
+    turn a ``trainer.accelerator=cpu`` run into a (slow, different) bf16 one.
+    """
     if precision == "auto":
-        return "16-mixed" if torch.cuda.is_available() else "32-true"
+        return "16-mixed" if uses_gpu(accelerator) else "32-true"
     return precision
 
 
@@ -184,10 +190,13 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
     n = len(dm.splits[split].rows)
     probs = torch.zeros((n, len(dm.tags)), dtype=torch.float32, device=device)
     seen = torch.zeros(n, dtype=torch.int32, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for batch in loader:
         batch = dm.on_device(batch, device)
-        with autocast:
+        with evaluation_precision(device), out_of_memory(
+            f"whole-track evaluation of {split} track {dm.splits[split].split.track_ids[int(batch['item'][0])]} "
+            f"({batch['x'].shape[-1]} frames) on {device}",
+            "evaluate on a GPU with more free memory (fewer jobs on it), or run predict with --device cpu",
+        ):
             probs[batch["item"]] = track_probabilities(net, batch["x"])
         seen[batch["item"]] += 1
     if distributed():
@@ -280,15 +289,35 @@ def check_scorable(dm: JamendoDataModule) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Train one model as the config says and write its run directory; returns the final metrics."""
+    """Train one model as the config says and write its run directory; returns the final metrics.
+
+    Whatever happens, the run's memory (the in-memory store, the network on
+    its GPU) is given back before returning: a joblib worker runs the next
+    grid job in this same process.
+    """
+    dm: list[JamendoDataModule] = []
+    try:
+        return _run(cfg, dm)
+    finally:
+        for d in dm:
+            d.release()
+        release_device_memory()
+
+
+def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, float]]:
     start = time.time()
     check_devices(cfg.trainer)
+    try:
+        set_fp32_precision(str(cfg.get("fp32_precision", "ieee")))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
     out = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))
     dm: JamendoDataModule = instantiate(cfg.data, features=spec, _recursive_=False)
+    made.append(dm)
     dm.check()  # every data problem stops the run here, before any training time is spent
     check_scorable(dm)
     net = build_net(cfg.model)
@@ -304,14 +333,23 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         check_resume(cfg.ckpt_path, dm)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        precision=resolve_precision(cfg.trainer.precision),
+        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         callbacks=list(callbacks.values()),
         logger=build_logger(cfg),
         plugins=[AtomicCheckpointIO(run_info(dm))],
     )
     check_launch(trainer)
+    device = trainer.strategy.root_device
+    if dm.in_memory:
+        dm.check_fits(device, copies=trainer.num_devices if device.type == "cpu" else 1)
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        with out_of_memory(
+            f"training {cfg.model.filters} on {spec.name} x {dm.input_length} frames, batch {dm.batch_size}, "
+            f"precision {trainer.precision}, on {device}",
+            "lower data.batch_size or data.input_length, use trainer.precision=16-mixed, or run fewer jobs on "
+            "this GPU",
+        ):
+            trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     except FloatingPointError as e:
         last = out / "checkpoints" / "last.ckpt"
         if last.is_file():
@@ -324,7 +362,6 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             f"(`freqtag info {dm.store_path}`)"
         ) from e
 
-    device = trainer.strategy.root_device
     finalize(module, dm, swa, device, trainer.max_epochs)
     writer = rank() == 0  # under DDP every rank evaluates its share; rank 0 writes the run directory
     final = out / "checkpoints" / "final.ckpt"
@@ -373,7 +410,8 @@ def check_launch(trainer: pl.Trainer) -> None:
 
 
 # errors a user can cause and fix: one line on stderr, no traceback (config: exit 2, data: exit 1)
-USER_ERRORS = (ConfigError, DataError, StoreError, JamendoFormatError, ResumeError, TrainingDiverged, DiskFullError)
+USER_ERRORS = (ConfigError, DataError, StoreError, JamendoFormatError, ResumeError, TrainingDiverged, DiskFullError,
+               OutOfMemory)
 
 
 def user_error(e: BaseException) -> BaseException | None:
