@@ -1,4 +1,4 @@
-"""One GPU per grid job on a multi-GPU node: the device pool behind ``hydra/launcher=joblib_gpu``.
+"""GPU slots for grid jobs on one node: the device pool behind ``hydra/launcher=joblib_gpu``.
 
 Hydra's joblib launcher runs the jobs of a sweep in ``n_jobs`` worker
 processes that are reused from job to job. Mapping ``hydra.job.num`` to a GPU
@@ -10,6 +10,11 @@ its lifetime; the kernel releases the lock when the process ends, so a
 crashed or recycled worker never leaves a GPU taken. With ``n_jobs`` equal to
 the number of GPUs, every job runs alone on its own GPU.
 
+A batch-32 run leaves a large GPU mostly idle, so the pool hands out *slots*:
+``jobs_per_gpu`` slots per GPU, slot ``s`` on GPU ``s % n_gpus``. The lowest
+free slot is claimed, so the GPUs fill evenly (one job on each before a
+second on any), and ``n_jobs`` is GPUs x ``jobs_per_gpu``.
+
 The job is pinned through ``CUDA_VISIBLE_DEVICES`` (Hydra's
 ``hydra.job.env_set``, applied in the worker before the job starts and before
 the worker's first CUDA call), so the job sees one GPU and
@@ -20,12 +25,14 @@ compete, and shared file systems that lack ``flock`` play no part.
 Two OmegaConf resolvers, registered when the configs package ``freqtag.conf``
 is imported (i.e. whenever Hydra composes our configs, in every process):
 
-- ``${freqtag.gpu_count:}`` (the launcher's ``n_jobs``, resolved in the main
-  process): the number of visible CUDA devices, an error when there is none.
-  It also fixes the list for the workers: when ``CUDA_VISIBLE_DEVICES`` is
-  unset it is set to ``0,...,n-1``, so workers never need to ask CUDA.
-- ``${freqtag.gpu:POOL}``: the ``CUDA_VISIBLE_DEVICES`` entry of the GPU this
-  process holds in the pool named POOL (the sweep directory), claimed on first use.
+- ``${freqtag.gpu_slots:JOBS_PER_GPU}`` (the launcher's ``n_jobs``, resolved in
+  the main process): visible CUDA devices x JOBS_PER_GPU, an error when there is
+  no device. It also fixes the list for the workers: when ``CUDA_VISIBLE_DEVICES``
+  is unset it is set to ``0,...,n-1``, so workers never need to ask CUDA.
+  (``${freqtag.gpu_count:}``: the devices alone.)
+- ``${freqtag.gpu:POOL}``: the ``CUDA_VISIBLE_DEVICES`` entry of the GPU of the
+  slot this process holds in the pool named POOL (the sweep directory),
+  claimed on first use (jobs per GPU from ``FREQTAG_JOBS_PER_GPU``, set by the former).
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-__all__ = ["claim_gpu", "gpu_count", "visible_gpus", "pinned_gpu", "lock_dir", "register_resolvers", "GPUPoolError"]
+__all__ = ["claim_gpu", "gpu_count", "gpu_slots", "visible_gpus", "pinned_gpu", "lock_dir", "register_resolvers",
+           "GPUPoolError"]
 
 # pool key -> (slot index, open lock file descriptor) held by this process
 _HELD: dict[str, tuple[int, int]] = {}
 # pool key -> the CUDA_VISIBLE_DEVICES entry of the held slot
 _PINNED: dict[str, str] = {}
+PER_GPU_ENV = "FREQTAG_JOBS_PER_GPU"
 NO_GPU_FIX = "leave out hydra/launcher=joblib_gpu to run the jobs one after another on this machine"
 
 
@@ -73,6 +82,28 @@ def gpu_count() -> int:
     return len(gpus)
 
 
+def _per_gpu(jobs_per_gpu: int | str) -> int:
+    try:
+        n = int(jobs_per_gpu)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise GPUPoolError(f"jobs_per_gpu={jobs_per_gpu!r}: must be a whole number >= 1 (grid jobs sharing one GPU)")
+    return n
+
+
+def gpu_slots(jobs_per_gpu: int | str = 1) -> int:
+    """Grid jobs that may run at once: visible GPUs x ``jobs_per_gpu`` (the launcher's ``n_jobs``).
+
+    Resolved in the launching process, it passes ``jobs_per_gpu`` on to the
+    workers in ``FREQTAG_JOBS_PER_GPU`` (a job's hydra node cannot see the root config there).
+    """
+    per = _per_gpu(jobs_per_gpu)
+    n = gpu_count() * per
+    os.environ[PER_GPU_ENV] = str(per)
+    return n
+
+
 def lock_dir(pool: str | Path) -> Path:
     """The local folder of a pool's lock files, one per GPU slot (``gpu<k>.lock``)."""
     key = hashlib.sha1(str(Path(pool).resolve()).encode()).hexdigest()[:16]
@@ -82,9 +113,9 @@ def lock_dir(pool: str | Path) -> Path:
 def claim_gpu(pool: str | Path, n_gpus: int, wait_s: float = 30.0) -> int:
     """The slot 0..n_gpus-1 of ``pool`` that this process holds, claiming the lowest free one on first use.
 
-    A slot is held until the process exits. If all are held by other live
-    processes (more concurrent jobs than GPUs) it retries for ``wait_s``
-    seconds, then raises ``GPUPoolError``.
+    ``n_gpus`` counts slots (GPUs x jobs per GPU). A slot is held until the
+    process exits. If all are held by other live processes (more concurrent
+    jobs than slots) it retries for ``wait_s`` seconds, then raises ``GPUPoolError``.
     """
     key = str(Path(pool).resolve())
     if key in _HELD:
@@ -109,13 +140,13 @@ def claim_gpu(pool: str | Path, n_gpus: int, wait_s: float = 30.0) -> int:
         if time.monotonic() >= deadline:
             raise GPUPoolError(
                 f"all {n_gpus} GPUs of sweep {pool} are held by other jobs (lock files in {folder}): "
-                f"set hydra.launcher.n_jobs to at most the number of GPUs ({n_gpus})"
+                f"set hydra.launcher.n_jobs to at most the number of GPU slots ({n_gpus}: GPUs x jobs_per_gpu)"
             )
         time.sleep(0.2)
 
 
-def pinned_gpu(pool: str | Path) -> str:
-    """The ``CUDA_VISIBLE_DEVICES`` value that pins this process's jobs to its own GPU of ``pool``.
+def pinned_gpu(pool: str | Path, jobs_per_gpu: int | str | None = None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value that pins this process's jobs to the GPU of its slot of ``pool``.
 
     Cached: Hydra restores the variable after each job, and a later call must
     not read the pinned value back as the list of all GPUs.
@@ -123,13 +154,17 @@ def pinned_gpu(pool: str | Path) -> str:
     key = str(Path(pool).resolve())
     if key not in _PINNED:
         gpus = visible_gpus()
-        _PINNED[key] = gpus[claim_gpu(pool, len(gpus))]
+        per = _per_gpu(os.environ.get(PER_GPU_ENV, 1) if jobs_per_gpu is None else jobs_per_gpu)
+        slot = claim_gpu(pool, len(gpus) * per)
+        _PINNED[key] = gpus[slot % len(gpus)]
     return _PINNED[key]
 
 
 def register_resolvers() -> None:
-    """Make ``${freqtag.gpu_count:}`` and ``${freqtag.gpu:POOL}`` available to configs (idempotent)."""
+    """Make ``${freqtag.gpu_count:}``, ``${freqtag.gpu_slots:N}`` and ``${freqtag.gpu:POOL}`` available (idempotent)."""
     if not OmegaConf.has_resolver("freqtag.gpu_count"):
         OmegaConf.register_new_resolver("freqtag.gpu_count", gpu_count)
+    if not OmegaConf.has_resolver("freqtag.gpu_slots"):
+        OmegaConf.register_new_resolver("freqtag.gpu_slots", gpu_slots)
     if not OmegaConf.has_resolver("freqtag.gpu"):
         OmegaConf.register_new_resolver("freqtag.gpu", lambda pool: pinned_gpu(str(pool)))

@@ -76,10 +76,43 @@ def test_joblib_gpu_launcher_config():
     assert launcher._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert launcher.backend == "loky" and launcher.prefer == "processes"
     # resolved per process: n_jobs in the launching process, the GPU in each worker
-    assert OmegaConf.to_yaml(launcher).count("${freqtag.gpu_count:}") == 1
+    assert OmegaConf.to_yaml(launcher).count("${freqtag.gpu_slots:${jobs_per_gpu}}") == 1
     env = OmegaConf.to_container(cfg.hydra.job.env_set, resolve=False)
     assert env == {"CUDA_VISIBLE_DEVICES": "${freqtag.gpu:${hydra:sweep.dir}}"}
     assert cfg.trainer.devices == 1  # the job sees one GPU
+    assert cfg.jobs_per_gpu == 1
+
+
+def test_jobs_per_gpu_sets_the_launchers_workers(monkeypatch):
+    """n_jobs resolves to GPUs x jobs_per_gpu from the root config (two pretend GPUs here), and tells the workers."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("FREQTAG_JOBS_PER_GPU", raising=False)
+    assert hydra_config("experiment=ablation", "hydra/launcher=joblib_gpu").hydra.launcher.n_jobs == 2
+    cfg = hydra_config("experiment=ablation", "hydra/launcher=joblib_gpu", "jobs_per_gpu=3")
+    assert cfg.hydra.launcher.n_jobs == 6
+    assert os.environ["FREQTAG_JOBS_PER_GPU"] == "3"  # what ${freqtag.gpu:POOL} reads in the workers
+    with pytest.raises(Exception, match="jobs_per_gpu=0"):
+        _ = hydra_config("experiment=ablation", "hydra/launcher=joblib_gpu", "jobs_per_gpu=0").hydra.launcher.n_jobs
+
+
+def test_slots_fill_the_gpus_evenly_and_never_exceed_jobs_per_gpu(tmp_path):
+    """Four workers with two jobs per GPU on pretend GPUs 5 and 7: one job on each GPU before a second on any."""
+    pool = tmp_path / "sweep"
+    workers = []
+    try:
+        got = []
+        for _ in range(4):
+            workers.append(start_claimer(pool, "5,7", per_gpu=2))
+            got.append(workers[-1].stdout.readline().strip())
+        assert got[:2] == ["5", "7"] and sorted(got) == ["5", "5", "7", "7"]
+        with pytest.raises(GPUPoolError, match="all 4 GPUs .* GPUs x jobs_per_gpu"):
+            claim_gpu(pool, 4, wait_s=0.3)
+    finally:
+        for w in workers:
+            w.stdin.close()
+            w.wait(timeout=10)
+            w.stdout.close()
+            w.stderr.close()
 
 
 def test_slurm_launcher_config():
@@ -95,7 +128,7 @@ def test_slurm_launcher_config():
 
 CLAIMER = (
     "import sys; from freqtag.gpu_pool import pinned_gpu\n"
-    "print(pinned_gpu(sys.argv[1]), flush=True)\n"
+    "print(pinned_gpu(sys.argv[1], sys.argv[2]), flush=True)\n"
     "sys.stdin.read()\n"  # hold the GPU until the test closes our stdin
 )
 
@@ -107,9 +140,9 @@ def local_locks(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
 
 
-def start_claimer(pool: Path, visible: str) -> subprocess.Popen[str]:
+def start_claimer(pool: Path, visible: str, per_gpu: int = 1) -> subprocess.Popen[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
-    return subprocess.Popen([sys.executable, "-c", CLAIMER, str(pool)], stdin=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", CLAIMER, str(pool), str(per_gpu)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
 
 
@@ -162,6 +195,24 @@ def test_no_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(GPUPoolError, match="no CUDA device is visible.*leave out hydra/launcher=joblib_gpu"):
         gpu_count()
+
+
+@pytest.mark.slow
+def test_joblib_gpu_grid_runs_two_jobs_on_one_gpu(tmp_path):
+    """jobs_per_gpu=2 on one pretend GPU "3": two workers share it, every job pinned to it."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "-m", "experiment=demo",
+            "data.synthetic.tracks=300", "data.input_length=32", "data.batch_size=16", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "model=convs",
+            "loss=bce,weighted,focal", "logger.name=gpu${oc.env:CUDA_VISIBLE_DEVICES}", f"paths.data_dir={tmp_path / 'data'}",
+            "hydra/launcher=joblib_gpu", "jobs_per_gpu=2", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3", "WANDB_MODE": "disabled"}
+    res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for job in range(3):
+        assert [p.name for p in (sweep / str(job)).iterdir() if p.name.startswith("gpu")] == ["gpu3"]
+        assert (sweep / str(job) / "metrics.json").is_file()
+    assert sorted(p.name for p in lock_dir(sweep).iterdir()) in (["gpu0.lock"], ["gpu0.lock", "gpu1.lock"])
 
 
 @pytest.mark.slow
