@@ -29,6 +29,7 @@ bench: install
 	$(BIN)/python bench/train_step.py --steps 24 --rounds 4 --models freq_dep probe
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/download.py --unpack
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

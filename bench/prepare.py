@@ -277,7 +277,7 @@ def profile(features: str, files: list[Path]) -> dict:
         seconds += x2.shape[0] / sr
         mine["audio_seconds"] += x2.shape[0] / sr
         x = timed("channel mean", audio.to_mono, x2)
-        x = timed("resample", audio.resample, x, sr, spec.sample_rate)
+        x = timed("resample", audio.resample, x, sr, spec.sample_rate, spec.resample)
         ms = timed("silence + trim", audio._frame_mean_squares, x, audio.TRIM_FRAME_LENGTH, audio.TRIM_HOP_LENGTH)
         if spec.trim_top_db is not None:
             start, end = timed("silence + trim", audio._interval, ms, x.shape[0], spec.trim_top_db, audio.TRIM_HOP_LENGTH)

@@ -11,7 +11,9 @@ same recipe is computed from fixed-size blocks, and gives the same frames:
   strided convolution, so an output sample depends on a bounded stretch of
   input. Each call runs on a segment that starts on a multiple of the
   resampler's input period and carries enough context on both sides; only the
-  outputs that the context makes exact are kept.
+  outputs that the context makes exact are kept. The linear resampler
+  (:class:`LinearBlockResampler`, ``resample: linear`` recipes) needs two input
+  samples per output and keeps one sample between blocks.
 - **silence** (:class:`SilenceScan`): ``librosa.effects.trim`` compares every
   2048-sample frame with the loudest one, which is known only at the end. The
   scan keeps one float64 per 512 samples (8 bytes per 11.6 ms at 44.1 kHz,
@@ -55,6 +57,9 @@ from .audio import (
     _decoder_error,
     _interval,
     check_audio_path,
+    linear_count,
+    linear_outputs,
+    linear_step,
     one_torch_thread,
     to_mono,
 )
@@ -63,6 +68,8 @@ from .melspec import LogMel
 
 __all__ = [
     "BlockResampler",
+    "LinearBlockResampler",
+    "block_resampler",
     "BlockLogMel",
     "SilenceScan",
     "FileFeatures",
@@ -76,6 +83,7 @@ REPLAY_SAMPLES = 1 << 24  # resampled samples kept for a trimming recipe's secon
 FEATURE_SEGMENT = 1 << 19  # samples per LogMel call (plus its context)
 
 FrameSink = Callable[[np.ndarray], None]
+Signal = tuple[int, str]  # (sample rate, resample method): recipes sharing one share the resampled signal
 
 
 def decoded_blocks(path: Path, block: int = DECODE_BLOCK) -> Iterator[tuple[np.ndarray, int]]:
@@ -174,6 +182,56 @@ class BlockResampler:
         if self.identity or self.buffer.size == 0:
             return np.zeros(0, dtype=np.float32)
         return self._emit(final=True)
+
+
+class LinearBlockResampler:
+    """:func:`freqtag.audio.resample` ``linear`` of a signal that arrives in blocks; outputs equal the whole-signal call.
+
+    Output k lies at input position ``k*step - 1`` and is final as soon as the
+    input reaches past it (whether it exists, ``k*step < n``, never depends on
+    later input), so each push gives every output up to the last sample
+    received, computed by the same function of k as the whole-signal call. The
+    buffer keeps the input from the next output's left sample on: one sample.
+    """
+
+    def __init__(self, orig_rate: int, new_rate: int) -> None:
+        self.identity = orig_rate == new_rate
+        self.step = linear_step(orig_rate, new_rate)
+        self.buffer = np.zeros(0, dtype=np.float32)
+        self.start = 0  # input index of buffer[0]
+        self.n_in = 0
+        self.k = 0  # next output
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        if self.identity:
+            return x
+        self.n_in += x.shape[0]
+        self.buffer = np.concatenate([self.buffer, x]) if self.buffer.size else np.asarray(x, dtype=np.float32)
+        k1 = linear_count(self.n_in, self.step)
+        y = linear_outputs(self.buffer, self.start, self.k, k1, self.step)
+        self.k = k1
+        left = max(0, int(np.floor(np.float64(k1) * self.step - 1.0)))  # the next output's left sample
+        keep = min(left, self.n_in)
+        self.buffer = self.buffer[keep - self.start :].copy()
+        self.start = keep
+        return y
+
+    def finish(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.float32)  # every output was final when its input arrived
+
+
+def block_resampler(
+    orig_rate: int, signal: Signal, segment: int = FEATURE_SEGMENT
+) -> BlockResampler | LinearBlockResampler:
+    """The streamed resampler of ``signal`` (rate, method) for a file at ``orig_rate``."""
+    rate, method = signal
+    if method == "linear":
+        return LinearBlockResampler(orig_rate, rate)
+    return BlockResampler(orig_rate, rate, segment)
+
+
+def _signal(spec: FeatureSpec) -> Signal:
+    return spec.sample_rate, spec.resample
 
 
 class SilenceScan:
@@ -338,19 +396,21 @@ def stream_features(
     if len(specs) != len(sinks):
         raise ValueError("one sink per spec")
     info = FileFeatures(path)
-    rates = sorted({s.sample_rate for s in specs})
-    resamplers: dict[int, BlockResampler] = {}
+    rates = sorted({_signal(s) for s in specs})
+    resamplers: dict[Signal, BlockResampler | LinearBlockResampler] = {}
     scans = {r: SilenceScan() for r in rates}
-    replay: dict[int, list[np.ndarray] | None] = {r: [] for r in rates if any(s.trim_top_db is not None and s.sample_rate == r for s in specs)}
+    replay: dict[Signal, list[np.ndarray] | None] = {
+        r: [] for r in rates if any(s.trim_top_db is not None and _signal(s) == r for s in specs)
+    }
     kept = {r: 0 for r in replay}
     direct = [(s, BlockLogMel(s, sink, segment=segment)) for s, sink in zip(specs, sinks) if s.trim_top_db is None]
 
-    def at_rate(rate: int, y: np.ndarray) -> None:
+    def at_rate(rate: Signal, y: np.ndarray) -> None:
         if y.size == 0:
             return
         scans[rate].push(y)
         for s, bl in direct:
-            if s.sample_rate == rate:
+            if _signal(s) == rate:
                 bl.push(y)
         if rate in replay and replay[rate] is not None:
             if kept[rate] + y.shape[0] > replay_samples:
@@ -362,7 +422,7 @@ def stream_features(
     for mono, sr in decoded_blocks(path, decode_block):
         if not resamplers:
             info.sample_rate = sr
-            resamplers = {r: BlockResampler(sr, r, segment) for r in rates}
+            resamplers = {r: block_resampler(sr, r, segment) for r in rates}
         info.samples += mono.shape[0]
         for r, rs in resamplers.items():
             at_rate(r, rs.push(mono))
@@ -370,7 +430,7 @@ def stream_features(
         at_rate(r, rs.finish())
 
     for s, bl in direct:
-        scans[s.sample_rate].interval(path, s)  # the silence check
+        scans[_signal(s)].interval(path, s)  # the silence check
         _check_length(path, s, bl)
         bl.finish()
         _check_frames(path, s, bl)
@@ -379,14 +439,14 @@ def stream_features(
     trimming = [(s, sink) for s, sink in zip(specs, sinks) if s.trim_top_db is not None]
     if not trimming:
         return info
-    intervals = {s.name: scans[s.sample_rate].interval(path, s) for s, _ in trimming}
+    intervals = {s.name: scans[_signal(s)].interval(path, s) for s, _ in trimming}
     blocks = {s.name: BlockLogMel(s, sink, segment=segment) for s, sink in trimming}
 
-    def trimmed(rate: int, pieces: Iterator[np.ndarray]) -> None:
+    def trimmed(rate: Signal, pieces: Iterator[np.ndarray]) -> None:
         pos = 0
         for y in pieces:
             for s, _ in trimming:
-                if s.sample_rate != rate:
+                if _signal(s) != rate:
                     continue
                 start, end = intervals[s.name]
                 lo, hi = max(start, pos), min(end, pos + y.shape[0])
@@ -401,9 +461,9 @@ def stream_features(
             replay[r] = None
     if again:
         info.passes = 2
-        rs2 = {r: BlockResampler(info.sample_rate, r, segment) for r in again}
+        rs2 = {r: block_resampler(info.sample_rate, r, segment) for r in again}
 
-        def second_pass(rate: int) -> Iterator[np.ndarray]:
+        def second_pass(rate: Signal) -> Iterator[np.ndarray]:
             for mono, _ in decoded_blocks(path, decode_block):
                 yield rs2[rate].push(mono)
             yield rs2[rate].finish()

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .jamendo import TASKS
+
 __all__ = ["main", "COMMANDS", "print_store_info"]
 
 Runner = Callable[[argparse.Namespace], int]
@@ -65,8 +67,11 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[n
     source.add_argument("--audio-dir", type=Path, help="folder of audio files (MP3, Ogg, FLAC, WAV, ...)")
     source.add_argument("--npy-dir", type=Path, help="MTG's melspecs folder (holds XX/ID.npy)")
     p.add_argument("--splits", type=Path, default=None,
-                   help="folder of autotagging_moodtheme-{train,validation,test}.tsv (PATH relative to --audio-dir); "
-                   "required with --npy-dir")  # fmt: skip
+                   help="folder of MTG's split TSVs, autotagging_{TASK}-{train,validation,test}.tsv (PATH relative to "
+                   "--audio-dir); required with --npy-dir")  # fmt: skip
+    p.add_argument("--task", default="moodtheme", choices=TASKS,
+                   help="whose TSVs in --splits give the tracks (default: moodtheme; genre, instrument, top50tags "
+                   "and all are in MTG's raw_30s download, not the moodtheme one)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the store to write, e.g. data/mel128.h5")
     p.add_argument("--features", default=None,
                    help="feature recipe: mel128 or mel96 (required with --audio-dir; default mel96 with --npy-dir)")  # fmt: skip
@@ -76,7 +81,8 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[n
     p.add_argument("--min-frames", type=int, default=None,
                    help="skip audio that gives fewer frames than this (default: 128, the shortest input window; "
                    "audio only)")  # fmt: skip
-    p.add_argument("--tags", type=Path, default=None, help="tag list (default: moodtheme_split.txt beside --splits)")
+    p.add_argument("--tags", type=Path, default=None,
+                   help="tag list (default: MTG's list for --task beside --splits, else the TSVs' own tags)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="tracks per resumable part (default: 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -107,6 +113,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             tags_file=args.tags,
             progress=not args.no_progress,
             batch_size=args.batch_size,
+            task=args.task,
         )
     else:
         if args.splits is None:
@@ -124,6 +131,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             tags_file=args.tags,
             progress=not args.no_progress,
             batch_size=args.batch_size,
+            task=args.task,
         )
     n_skipped = len(report.skipped)
     if report.already_complete:
@@ -244,6 +252,7 @@ from .ensemble import add_ensemble_parser, run_ensemble  # noqa: E402  (numpy on
 from .submission import add_evaluate_parser, run_evaluate  # noqa: E402
 from .predict import add_predict_parser, run_predict  # noqa: E402  (numpy/soundfile only; torch when run)
 from .export import add_export_parser, run_export  # noqa: E402
+from .download.cli import add_download_parser, run_download  # noqa: E402  (stdlib only; rich when run)
 
 # name -> (add parser, run). Later subcommands (summary, predict, ensemble, ...)
 # add one line here and their two functions above.
@@ -256,6 +265,7 @@ COMMANDS: dict[str, tuple[AddParser, Runner]] = {
     "evaluate": (add_evaluate_parser, run_evaluate),
     "predict": (add_predict_parser, run_predict),
     "export": (add_export_parser, run_export),
+    "download": (add_download_parser, run_download),
 }
 
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .features import FeatureSpec
-from .jamendo import SPLITS, Split, read_split, read_tags, split_file
+from .jamendo import SPLITS, TASKS, Split, read_split, split_file, task_tags
 from .memory import check_fits, gib, out_of_memory
 from .store import FeatureStore, StoreError
 
@@ -297,7 +297,7 @@ class JamendoDataModule(pl.LightningDataModule):
         self,
         store: str,
         splits_dir: str,
-        tags_file: str,
+        tags_file: str | None,
         features: FeatureSpec | dict[str, Any],
         input_length: int = 224,
         batch_size: int = 32,
@@ -308,11 +308,20 @@ class JamendoDataModule(pl.LightningDataModule):
         check_finite: bool = True,
         synthetic: dict[str, Any] | None = None,
         multiprocessing_context: str | None = None,
+        task: str = "moodtheme",
+        split: int = 0,
     ) -> None:
         super().__init__()
         self.store_path = Path(store)
         self.splits_dir = Path(splits_dir)
-        self.tags_file = Path(tags_file)
+        self.tags_file = Path(tags_file) if tags_file else None
+        if task not in TASKS:
+            raise DataError(f"data.task={task!r}: valid values are {', '.join(TASKS)}")
+        self.task = task
+        if str(split) not in {"0", "1", "2", "3", "4"}:
+            raise DataError(f"data.split={split!r}: MTG-Jamendo's splits are 0, 1, 2, 3 and 4")
+        self.split = int(split)
+        self.tags_source = ""
         self.spec = features if isinstance(features, FeatureSpec) else FeatureSpec.from_dict(dict(features))
         if int(input_length) <= 0 or int(input_length) % 32:
             raise DataError(f"data.input_length={input_length}: must be a positive multiple of 32 (e.g. 128 or 224)")
@@ -363,14 +372,20 @@ class JamendoDataModule(pl.LightningDataModule):
         except StoreError as e:
             raise DataError(str(e)) from e
         if store.spec != self.spec:
+            if store.spec.name == self.spec.name:  # same name, another recipe: an older freqtag's store
+                raise DataError(
+                    f"{self.store_path} was made with another '{self.spec.name}' recipe than this freqtag's "
+                    f"({'; '.join(store.spec.differences(self.spec))}): rebuild it with `freqtag prepare` "
+                    f"(a synthetic store: delete its folder)"
+                )
             raise DataError(
                 f"{self.store_path} holds '{store.spec.name}' features but the run asks for features="
                 f"{self.spec.name} with a different recipe: choose features={store.spec.name} or point "
                 f"data.store at a {self.spec.name} store"
             )
-        self.tags = read_tags(self.tags_file)
+        self.tags, self.tags_source = task_tags(self.splits_dir, self.task, self.tags_file)
         for name in SPLITS:
-            split = read_split(split_file(self.splits_dir, name), self.tags, name=name)
+            split = read_split(split_file(self.splits_dir, name, self.task), self.tags, name=name)
             if len(split) == 0:
                 raise DataError(f"{split.path}: the {name} split is empty")
             missing = store.missing(split.track_ids)
@@ -401,6 +416,20 @@ class JamendoDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.check()
+
+    def dataset_info(self) -> dict[str, Any]:
+        """What a model trained here was trained on (kept in final.ckpt: predict warns about synthetic models)."""
+        from .synthetic import is_synthetic
+
+        self.check()
+        return {
+            "dataset": "synthetic" if is_synthetic(self.store_path.parent) else "mtg-jamendo",
+            "task": self.task,
+            "split": self.split,
+            "tags_source": self.tags_source,
+            "features": self.spec.name,
+            "train_tracks": len(self.splits["train"].split),
+        }
 
     def in_memory_bytes(self) -> int:
         """What ``in_memory=true`` puts on the training device: the store band-major, plus one crop of padding."""

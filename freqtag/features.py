@@ -16,7 +16,19 @@ from typing import Any
 
 import yaml
 
-__all__ = ["FeatureSpec", "available_features"]
+__all__ = ["FeatureSpec", "available_features", "RESAMPLERS", "WINDOWS", "LEGACY_DEFAULTS"]
+
+# How a file is brought to the recipe's rate (freqtag.audio.resample): "sinc" is torchaudio's band-limited
+# resampler; "linear" is libsamplerate's SRC_LINEAR as Essentia's MonoLoader(resampleQuality=4) runs it,
+# no anti-aliasing filter, so energy above the new Nyquist folds into the top bands as in MTG's files.
+RESAMPLERS = ("sinc", "linear")
+# The analysis window: "hann_periodic" is torch.hann_window's default (torchaudio's MelSpectrogram);
+# "hann_symmetric" (zero at both ends) is Essentia's Windowing(type="hann"), MTG's script.
+WINDOWS = ("hann_periodic", "hann_symmetric")
+# Fields added after stores and checkpoints were first written. A spec saved without them was made by a
+# freqtag that always resampled with sinc and used the periodic window, so that is what it reads as: an old
+# mel128 spec still equals mel128, an old mel96 spec (sinc, periodic) does not equal today's mel96.
+LEGACY_DEFAULTS: dict[str, Any] = {"resample": "sinc", "window": "hann_periodic"}
 
 
 @dataclass(frozen=True)
@@ -25,8 +37,10 @@ class FeatureSpec:
 
     name: str
     sample_rate: int
+    resample: str
     n_fft: int
     win_length: int
+    window: str
     hop_length: int
     f_min: float
     f_max: float
@@ -41,6 +55,13 @@ class FeatureSpec:
     trim_top_db: float | None
     drop_first_frame: bool
 
+    def __post_init__(self) -> None:
+        for key, allowed in (("resample", RESAMPLERS), ("window", WINDOWS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"feature spec '{self.name}': {key}={getattr(self, key)!r}; valid values: {', '.join(allowed)}"
+                )
+
     @property
     def frames_per_second(self) -> float:
         return self.sample_rate / self.hop_length
@@ -51,9 +72,16 @@ class FeatureSpec:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def differences(self, other: "FeatureSpec") -> list[str]:
+        """``key: ours != theirs`` for each field that differs: for messages about two recipes of the same name."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FeatureSpec":
+        """The spec of a recipe file, store or checkpoint; a spec saved before a field existed gets LEGACY_DEFAULTS."""
         fields = {f.name for f in dataclasses.fields(cls)}
+        data = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in data}, **data}
         unknown = set(data) - fields
         missing = fields - set(data)
         if unknown or missing:

@@ -2,6 +2,13 @@
 
 Labels never live in a feature store; they always come from these files, so
 one store serves every split and tag set.
+
+MTG-Jamendo has five autotagging tasks, each with five splits (``split-0`` ..
+``split-4``): ``autotagging_{task}-{train,validation,test}.tsv`` for
+``moodtheme``, ``genre``, ``instrument`` and ``top50tags``, and
+``autotagging-{split}.tsv`` for ``all`` (every tag). A task's tag list is MTG's
+own file where one exists (``moodtheme_split.txt``, ``top50.txt``), otherwise
+every tag of the task's three TSVs, sorted (:func:`task_tags` says which).
 """
 
 from __future__ import annotations
@@ -25,13 +32,21 @@ __all__ = [
     "find_tags_file",
     "MOODTHEME_TAGS",
     "TAGS_FILE",
+    "TASKS",
+    "TAG_LISTS",
+    "check_task",
+    "tags_in_splits",
+    "task_tags",
+    "task_of",
 ]
 
 SPLITS = ("train", "validation", "test")
 HEADER = ("TRACK_ID", "ARTIST_ID", "ALBUM_ID", "PATH", "DURATION", "TAGS")
-SPLIT_PATTERN = "autotagging_moodtheme-{split}.tsv"
+TASKS = ("moodtheme", "genre", "instrument", "top50tags", "all")
 TAG_PREFIX = "mood/theme---"
 TAGS_FILE = "moodtheme_split.txt"
+# MTG's own tag-list files (data/tags/ in its repository); the other tasks take their TSVs' tags
+TAG_LISTS = {"moodtheme": TAGS_FILE, "top50tags": "top50.txt"}
 # The 56 mood/theme tags of MTG-Jamendo, alphabetical (the column order of
 # every matrix). Kept here so that the synthetic demo runs without the
 # dataset; a test checks it against the real moodtheme_split.txt.
@@ -85,8 +100,8 @@ class Split:
 
 
 def short_tag(tag: str) -> str:
-    """'mood/theme---happy' -> 'happy' (for display only)."""
-    return tag[len(TAG_PREFIX) :] if tag.startswith(TAG_PREFIX) else tag
+    """'mood/theme---happy' -> 'happy', 'genre---rock' -> 'rock' (for display only)."""
+    return tag.split("---", 1)[1] if "---" in tag else tag
 
 
 def read_tags(path: str | Path) -> list[str]:
@@ -109,22 +124,69 @@ def read_tags(path: str | Path) -> list[str]:
     return tags
 
 
-def find_tags_file(splits_dir: str | Path) -> Path:
-    """The tag list beside a splits folder: in it, or one or two levels up (MTG's layouts)."""
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"unknown task '{task}'; valid values: {', '.join(TASKS)}")
+    return task
+
+
+def find_tags_file(splits_dir: str | Path, task: str = "moodtheme") -> Path:
+    """MTG's tag list of ``task`` beside a splits folder: in it, one or two levels up, or in a ``tags/`` there."""
+    name = TAG_LISTS.get(check_task(task))
     here = Path(splits_dir)
-    for folder in (here, here.parent, here.parent.parent, here.parent / "tags", here.parent.parent / "tags"):
-        if (folder / TAGS_FILE).is_file():
-            return folder / TAGS_FILE
+    if name is not None:
+        for folder in (here, here.parent, here.parent.parent, here.parent / "tags", here.parent.parent / "tags"):
+            if (folder / name).is_file():
+                return folder / name
     raise FileNotFoundError(
-        f"no {TAGS_FILE} in {here} or the folders above it: pass the tag list explicitly "
-        f"(MTG-Jamendo's data/tags/{TAGS_FILE})"
+        f"no {name} in {here} or the folders above it: pass the tag list explicitly (MTG-Jamendo's data/tags/{name})"
+        if name else f"MTG-Jamendo has no tag-list file for the {task} task (its tags are those of its TSVs)"
     )
 
 
-def split_file(splits_dir: str | Path, split: str) -> Path:
+def split_file(splits_dir: str | Path, split: str, task: str = "moodtheme") -> Path:
+    """``autotagging_{task}-{split}.tsv`` (``autotagging-{split}.tsv`` for the ``all`` task) in ``splits_dir``."""
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; valid values: {', '.join(SPLITS)}")
-    return Path(splits_dir) / SPLIT_PATTERN.format(split=split)
+    stem = "autotagging" if check_task(task) == "all" else f"autotagging_{task}"
+    return Path(splits_dir) / f"{stem}-{split}.tsv"
+
+
+def task_of(path: str | Path) -> str:
+    """The task of a split TSV from its MTG name (``autotagging_genre-test.tsv`` -> genre); moodtheme otherwise."""
+    stem = Path(path).name.rsplit("-", 1)[0]
+    if stem == "autotagging":
+        return "all"
+    task = stem.removeprefix("autotagging_")
+    return task if task in TASKS else "moodtheme"
+
+
+def tags_in_splits(splits_dir: str | Path, task: str) -> list[str]:
+    """Every tag named in the task's three split TSVs, sorted (the tag list of tasks MTG gives none for)."""
+    tags: set[str] = set()
+    for split in SPLITS:
+        path = split_file(splits_dir, split, task)
+        if not path.is_file():
+            raise FileNotFoundError(f"split file {path} does not exist (the {task} task, {split} split)")
+        with path.open(newline="") as f:
+            next(f, None)  # the header; read_split checks it
+            for line in f:
+                tags.update(t for t in line.rstrip("\r\n").split("\t")[5:] if t)
+    if not tags:
+        raise JamendoFormatError(f"{split_file(splits_dir, 'train', task)}: the {task} TSVs name no tag")
+    return sorted(tags)
+
+
+def task_tags(splits_dir: str | Path, task: str = "moodtheme", tags_file: str | Path | None = None
+              ) -> tuple[list[str], str]:  # fmt: skip
+    """The tag list of a task and where it came from: ``tags_file``, MTG's file for the task, or the TSVs' tags."""
+    if tags_file is not None:
+        return read_tags(tags_file), str(tags_file)
+    try:
+        found = find_tags_file(splits_dir, task)
+    except FileNotFoundError:
+        return tags_in_splits(splits_dir, task), f"every tag of the {task} split TSVs in {splits_dir}, sorted"
+    return read_tags(found), str(found)
 
 
 def read_split(path: str | Path, tags: list[str] | tuple[str, ...], name: str | None = None) -> Split:
@@ -191,9 +253,9 @@ def read_split(path: str | Path, tags: list[str] | tuple[str, ...], name: str | 
     )
 
 
-def read_splits(splits_dir: str | Path, tags: list[str] | tuple[str, ...]) -> dict[str, Split]:
-    """The three splits of a directory, keyed train/validation/test."""
-    return {s: read_split(split_file(splits_dir, s), tags, name=s) for s in SPLITS}
+def read_splits(splits_dir: str | Path, tags: list[str] | tuple[str, ...], task: str = "moodtheme") -> dict[str, Split]:
+    """The three splits of a task in a directory, keyed train/validation/test."""
+    return {s: read_split(split_file(splits_dir, s, task), tags, name=s) for s in SPLITS}
 
 
 def write_split(

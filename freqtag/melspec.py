@@ -4,7 +4,8 @@
 :func:`freqtag.audio.waveform` makes them, and returns (frames, n_mels)
 float32 features: the arithmetic of torchaudio's ``MelSpectrogram`` +
 ``AmplitudeToDB`` with the recipe's arguments (``mel128``), or of
-``Spectrogram`` + Slaney ``melscale_fbanks`` + ``20*log10`` (``mel96``).
+``Spectrogram`` (symmetric Hann window, as Essentia's) + Slaney
+``melscale_fbanks`` + ``20*log10`` (``mel96``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torchaudio
 from .audio import one_torch_thread
 from .features import FeatureSpec
 
-__all__ = ["LogMel", "mel_filterbank", "BLOCK_FRAMES"]
+__all__ = ["LogMel", "mel_filterbank", "analysis_window", "BLOCK_FRAMES"]
 
 # Frames per transform block (see LogMel): a fixed shape per recipe.
 BLOCK_FRAMES = 512
@@ -35,6 +36,15 @@ def mel_filterbank(spec: FeatureSpec) -> torch.Tensor:
         norm=spec.mel_norm,
         mel_scale=spec.mel_scale,
     )
+
+
+def analysis_window(spec: FeatureSpec) -> torch.Tensor:
+    """(win_length,) float32 Hann window: periodic (torchaudio's default) or symmetric (Essentia's, MTG's files).
+
+    The two differ by a 1/win_length stretch; on mel96 that alone moves the
+    median bin by 0.02 dB against Essentia's output.
+    """
+    return torch.hann_window(spec.win_length, periodic=spec.window == "hann_periodic")
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -75,7 +85,7 @@ class LogMel:
         self.spec = spec
         self.device = _device(device)
         self.block_frames = int(block_frames)
-        window = torch.hann_window(spec.win_length)  # periodic, as torchaudio's default window_fn
+        window = analysis_window(spec)
         if spec.win_length < spec.n_fft:  # centred in the frame, as torch.stft does
             left = (spec.n_fft - spec.win_length) // 2
             window = torch.nn.functional.pad(window, (left, spec.n_fft - spec.win_length - left))

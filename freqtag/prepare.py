@@ -136,29 +136,20 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _tag_list(splits_dir: Path, tags_file: str | Path | None) -> list[str] | tuple[str, ...]:
-    """The tag list: given, beside the splits, or else the built-in mood/theme list.
+def read_split_dir(splits_dir: str | Path, tags_file: str | Path | None = None, task: str = "moodtheme"
+                   ) -> dict[str, jamendo.Split]:  # fmt: skip
+    """The three splits of a task in a folder, refusing a track that appears in two of them.
 
-    prepare needs the tracks, not the labels; the tags only validate the TSVs,
-    so a missing tag file is no reason to stop.
+    prepare needs the tracks, not the labels: the tag list (given, MTG's file for
+    the task, or the TSVs' own tags) only validates the TSVs.
     """
-    if tags_file is not None:
-        return jamendo.read_tags(tags_file)
-    try:
-        return jamendo.read_tags(jamendo.find_tags_file(splits_dir))
-    except FileNotFoundError:
-        return jamendo.MOODTHEME_TAGS
-
-
-def read_split_dir(splits_dir: str | Path, tags_file: str | Path | None = None) -> dict[str, jamendo.Split]:
-    """The three splits of a folder, refusing a track that appears in two of them."""
     splits_dir = Path(splits_dir)
     if not splits_dir.is_dir():
         raise FileNotFoundError(
             f"splits folder {splits_dir} does not exist: point --splits at the folder holding "
-            f"{jamendo.split_file('.', 'train').name} and its validation/test siblings (MTG's data/splits/split-0)"
+            f"{jamendo.split_file('.', 'train', task).name} and its validation/test siblings (MTG's data/splits/split-0)"
         )
-    splits = jamendo.read_splits(splits_dir, _tag_list(splits_dir, tags_file))
+    splits = jamendo.read_splits(splits_dir, jamendo.task_tags(splits_dir, task, tags_file)[0], task)
     seen: dict[str, str] = {}
     for name, split in splits.items():
         for track_id in split.track_ids:
@@ -478,8 +469,9 @@ def _existing_store(out: Path, spec: FeatureSpec, jobs: Sequence[Job], started: 
         raise StoreError(f"{e} (delete {out} or choose another --out)") from None
     if store.spec != spec:
         raise StoreError(
-            f"{out} is a finished store of features '{store.spec.name}', not '{spec.name}': "
-            f"choose another --out, or delete {out} to rebuild it"
+            f"{out} is a finished store of features '{store.spec.name}', not '{spec.name}'"
+            + (f" ({'; '.join(store.spec.differences(spec))})" if store.spec.name == spec.name else "")
+            + f": choose another --out, or delete {out} to rebuild it"
         )
     # a run killed between the final rename and the clean-up leaves its parts: the store holds them all
     remove_partial(out.with_name(out.name + ".partial"))
@@ -613,17 +605,18 @@ def prepare_npy(
     tags_file: str | Path | None = None,
     progress: bool = True,
     batch_size: int = 64,
+    task: str = "moodtheme",
 ) -> PrepareReport:
     """Import MTG-Jamendo's distributed ``XX/ID.npy`` spectrograms into the store ``out``.
 
-    Every track of the three split TSVs of ``splits_dir`` is imported; bad
+    Every track of the ``task``'s three split TSVs in ``splits_dir`` is imported; bad
     files are skipped and listed in ``STORE.report.tsv``. Mean/std come from
     the train split. Re-running resumes an interrupted run; a finished store
     is left untouched.
     """
     spec = FeatureSpec.load(features)
     npy_dir = Path(npy_dir)
-    splits = read_split_dir(splits_dir, tags_file)
+    splits = read_split_dir(splits_dir, tags_file, task)
     jobs = npy_jobs(npy_dir, splits)
     out = Path(out)
     if not out.exists():
@@ -734,6 +727,7 @@ def prepare_audio(
     tags_file: str | Path | None = None,
     progress: bool = True,
     batch_size: int = 64,
+    task: str = "moodtheme",
 ) -> PrepareReport:
     """Compute ``features`` (mel128 or mel96) from audio files into the store ``out``.
 
@@ -771,7 +765,7 @@ def prepare_audio(
 
         transform = LogMel(spec, device)  # checks the device before any work
     if splits_dir is not None:
-        splits = read_split_dir(splits_dir, tags_file)
+        splits = read_split_dir(splits_dir, tags_file, task)
         jobs = audio_jobs(audio_dir, splits, out)
         stats_ids: Sequence[str] = splits["train"].track_ids
         stats_split = "train"

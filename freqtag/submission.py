@@ -183,7 +183,7 @@ def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
 
 def load_ground_truth(path: str | Path, tags_file: str | Path | None = None) -> dict[str, np.ndarray]:
     """``targets`` (uint8 N x C) from a ground-truth .npy; with ``track_ids`` and ``tags`` from a split TSV or our .npz."""
-    from .jamendo import find_tags_file, read_split, read_tags
+    from .jamendo import read_split, task_of, task_tags
 
     path = Path(path)
     if not path.is_file():
@@ -198,7 +198,7 @@ def load_ground_truth(path: str | Path, tags_file: str | Path | None = None) -> 
         return {k: data[k] for k in ("targets", "track_ids", "tags")}
     if path.suffix != ".tsv":
         raise SubmissionError(f"ground truth {path}: expected a 0/1 .npy matrix, a split .tsv or a predictions .npz")
-    tags = read_tags(tags_file if tags_file is not None else find_tags_file(path.parent))
+    tags = task_tags(path.parent, task_of(path), tags_file)[0]
     split = read_split(path, tags)
     return {"targets": split.labels, "track_ids": np.array(split.track_ids, dtype=str), "tags": np.array(tags, dtype=str)}
 
@@ -217,7 +217,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[
     how = p.add_mutually_exclusive_group()
     how.add_argument("--decisions", type=Path, help="a MediaEval decisions.npy (bool tracks x tags)")
     how.add_argument("--thresholds", type=Path, help="per-tag thresholds, tag<TAB>threshold (a run's checkpoints/thresholds.tsv)")
-    p.add_argument("--tags", type=Path, default=None, help="tag list for a TSV ground truth (default: moodtheme_split.txt found beside it)")
+    p.add_argument("--tags", type=Path, default=None,
+                   help="tag list for a TSV ground truth (default: MTG's list for the TSV's task found beside it, "
+                   "else the task's TSVs' own tags)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="also write the lines to this results.tsv")
     return p
 

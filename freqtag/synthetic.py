@@ -32,12 +32,12 @@ from .features import FeatureSpec
 from .jamendo import MOODTHEME_TAGS, SPLITS, TAGS_FILE, split_file, write_split
 from .store import StoreWriter
 
-__all__ = ["synthesize", "tag_layout", "N_MOTIFS", "N_REGIONS", "DEMO_TRACKS", "MANIFEST"]
+__all__ = ["synthesize", "tag_layout", "is_synthetic", "N_MOTIFS", "N_REGIONS", "DEMO_TRACKS", "MANIFEST"]
 
 N_MOTIFS, N_REGIONS = 14, 4  # 14 x 4 = the 56 tags; tag t is motif t // 4 in region t % 4
 DEMO_TRACKS = 1000
 MANIFEST = "synthetic.json"  # arguments + generator version; written last, marks a complete folder
-VERSION = 1  # bump when the generated data changes
+VERSION = 2  # bump when the generated data changes (2: mel96's recipe gained resample/window)
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 TAGS_PER_TRACK = (0.4, 0.4, 0.2)  # P(1), P(2), P(3) tags: mean 1.8 like MTG
 MIN_FRAMES, MAX_FRAMES = 60, 2000  # log-uniform: ~22% of tracks are shorter than 128 frames
@@ -178,6 +178,14 @@ def _assign_tags(rng: np.random.Generator, n: int, weights: np.ndarray) -> list[
         else:  # pragma: no cover - needs a split with almost one region
             raise RuntimeError("synthetic tag assignment failed; use more tracks")
     return [sorted(int(pool[o]) for o in m) for m in members]
+
+
+def is_synthetic(folder: str | Path) -> bool:
+    """Whether ``folder`` is a dataset made by :func:`synthesize` (its manifest says so)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text()).get("generator") == "freqtag.synthetic"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def synthesize(out: str | Path, tracks: int = DEMO_TRACKS, seed: int = 0, features: str = "mel96") -> Path:

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class, instantiate
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from . import __version__
@@ -137,7 +137,7 @@ def check_resume(ckpt_path: str | Path, dm: JamendoDataModule) -> None:
         diff = next((f"tag {i + 1} is {a} there, {b} here" for i, (a, b) in enumerate(zip(theirs, ours)) if a != b),
                     f"{len(theirs)} tags there, {len(ours)} here")
         raise ResumeError(
-            f"ckpt_path={path} was trained on another tag list than {dm.tags_file} ({diff}): resume with the "
+            f"ckpt_path={path} was trained on another tag list than {dm.tags_source} ({diff}): resume with the "
             f"run's own data.tags_file, or start a new run without ckpt_path"
         )
     if FeatureSpec.from_dict(info["features"]) != dm.spec:
@@ -150,6 +150,19 @@ def check_resume(ckpt_path: str | Path, dm: JamendoDataModule) -> None:
 
 def build_net(model_cfg: dict[str, Any] | DictConfig) -> nn.Module:
     return instantiate(model_cfg)
+
+
+def set_n_tags(cfg: DictConfig, dm: JamendoDataModule) -> None:
+    """``model.n_tags: null`` takes the tag list's length (56 mood/theme, 87 genre, ...); a number must agree."""
+    n = cfg.model.get("n_tags")
+    if n is None:
+        with open_dict(cfg):
+            cfg.model.n_tags = len(dm.tags)
+    elif int(n) != len(dm.tags):
+        raise ConfigError(
+            f"model.n_tags={n} but the tag list ({dm.tags_source}) has {len(dm.tags)} tags: leave model.n_tags=null "
+            f"(the tag list decides)"
+        )
 
 
 def build_loss(loss_cfg: DictConfig, dm: JamendoDataModule) -> nn.Module:
@@ -253,6 +266,7 @@ def final_checkpoint(module: TaggingModule, cfg: DictConfig, dm: JamendoDataModu
         "input_length": dm.input_length,
         "mean": dm.mean,
         "std": dm.std,
+        "data": dm.dataset_info(),
         "freqtag_version": __version__,
     }
 
@@ -284,7 +298,7 @@ def check_scorable(dm: JamendoDataModule) -> None:
             raise DataError(
                 f"{split.path}: {len(undefined)} tags have no positive (or no negative) track in the {name} split "
                 f"({', '.join(undefined[:5])}{' ...' if len(undefined) > 5 else ''}), so their PR-AUC/ROC-AUC is "
-                f"undefined: use a split where every tag of {dm.tags_file} has both"
+                f"undefined: use a split where every tag of {dm.tags_source} has both"
             )
 
 
@@ -320,9 +334,8 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
     made.append(dm)
     dm.check()  # every data problem stops the run here, before any training time is spent
     check_scorable(dm)
+    set_n_tags(cfg, dm)
     net = build_net(cfg.model)
-    if getattr(net, "n_tags", len(dm.tags)) != len(dm.tags):
-        raise ValueError(f"model.n_tags={net.n_tags} but {dm.tags_file} lists {len(dm.tags)} tags")
     module = TaggingModule(net, build_loss(cfg.loss, dm), **cfg.optim, mixup_alpha=cfg.mixup_alpha, seed=cfg.seed)
 
     callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None}

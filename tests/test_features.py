@@ -3,6 +3,9 @@ definitions, and audio that is real, generated, or broken."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from pathlib import Path
 
 import librosa
@@ -14,7 +17,8 @@ import torchaudio
 
 from freqtag import audio
 from freqtag.audio import AudioError, features_from_file, nonsilent_interval
-from freqtag.features import FeatureSpec
+from freqtag.audiostream import LinearBlockResampler, stream_features
+from freqtag.features import LEGACY_DEFAULTS, FeatureSpec
 from freqtag.melspec import LogMel, mel_filterbank
 
 # librosa.load imports audioread, which imports modules Python 3.13 drops
@@ -47,9 +51,15 @@ def reference_mel128(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference_mel96(y: np.ndarray, sr: int) -> np.ndarray:
-    """REFERENCE.md's torchaudio formulation of MTG's Essentia recipe: (frames, 96) dB."""
-    y12 = torchaudio.functional.resample(torch.from_numpy(y), sr, 12000)
-    power = torchaudio.transforms.Spectrogram(n_fft=512, hop_length=256, power=2, center=True, pad_mode="constant")(y12)
+    """REFERENCE.md's torchaudio formulation of MTG's Essentia recipe: (frames, 96) dB.
+
+    On the signal resampled linearly (tested on its own below and, against Essentia, in test_essentia.py).
+    """
+    y12 = torch.from_numpy(audio.resample(y, sr, 12000, "linear"))
+    power = torchaudio.transforms.Spectrogram(
+        n_fft=512, hop_length=256, power=2, center=True, pad_mode="constant",
+        window_fn=functools.partial(torch.hann_window, periodic=False),
+    )(y12)  # fmt: skip
     fb = torchaudio.functional.melscale_fbanks(257, 0, 6000, 96, 12000, norm="slaney", mel_scale="slaney")
     return (20 * torch.log10(torch.clamp(power.T @ fb, min=1e-10))).numpy()
 
@@ -123,7 +133,8 @@ def numpy_log_mel(y: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     padded = np.pad(y.astype(np.float64), half, mode=spec.pad_mode)
     n_frames = 1 + (padded.size - spec.n_fft) // spec.hop_length
     frames = np.stack([padded[i * spec.hop_length : i * spec.hop_length + spec.n_fft] for i in range(n_frames)])
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(spec.n_fft) / spec.n_fft)  # periodic Hann
+    period = spec.n_fft if spec.window == "hann_periodic" else spec.n_fft - 1  # symmetric: zero at both ends
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(spec.n_fft) / period)
     power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
     mel = power @ mel_filterbank(spec).double().numpy()
     db = spec.db_multiplier * np.log10(np.maximum(mel, spec.amin))
@@ -175,6 +186,105 @@ def test_trim_equals_librosa_on_generated_signals() -> None:
             assert nonsilent_interval(y, top_db) == (int(expected[0]), int(expected[1])), (name, top_db)
 
 
+# ---------------------------------------------------------- resampling, spec fields
+
+
+def stepwise_linear(x: np.ndarray, step: float) -> np.ndarray:
+    """libsamplerate's linear converter as its loop runs, one output at a time (independent of freqtag's vector form).
+
+    It interpolates between a previous sample (at first: the first sample) and
+    the current one at fraction t, adds the step to t, moves on one sample per
+    whole unit of t, and stops when the current sample would lie past the end.
+    """
+    out = []
+    prev, cur, t = float(x[0]), 0, 0.0
+    while True:
+        out.append(prev + t * float(np.float32(x[cur] - np.float32(prev))))  # the difference in float32, as in C
+        t += step
+        while t >= 1.0:
+            t -= 1.0
+            cur += 1
+            if cur >= x.shape[0]:
+                return np.array(out, dtype=np.float32)
+            prev = float(x[cur - 1])
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 32000, 44100, 48000])
+def test_linear_resampling_follows_libsamplerates_loop(rate: int) -> None:
+    rng = np.random.default_rng(rate)
+    step = audio.linear_step(rate, 12000)
+    assert step == 1.0 / float(np.float32(12000) / np.float32(rate))  # Essentia's float32 ratio, not rate/12000
+    for n in (1, 2, 3, 7, 1000, 4321):
+        x = rng.standard_normal(n).astype(np.float32)
+        ours = audio.resample(x, rate, 12000, "linear")
+        ref = stepwise_linear(x, step)
+        assert ours.dtype == np.float32 and ours.shape == (audio.linear_count(n, step),), (rate, n)
+        # t accumulated vs k*step: the last bits, and at 8/16/32 kHz (steps 2/3, 4/3, 8/3, whose sums fall
+        # just short of whole numbers) the loop may add one output on the very last sample
+        extra = 1 if rate in (8000, 16000, 32000) else 0
+        assert 0 <= ref.shape[0] - ours.shape[0] <= extra, (rate, n, ref.shape, ours.shape)
+        assert ours[0] == x[0]  # the first output is the first sample
+        np.testing.assert_allclose(ours, ref[: ours.shape[0]], rtol=0, atol=1e-6)
+    assert audio.resample(x, 12000, 12000, "linear") is x
+
+
+def test_linear_resampling_streamed_equals_the_whole_signal(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    for rate in (44100, 11025, 48000):
+        x = tone(3.0, rate, 5000.0, noise=0.1, seed=rate)
+        whole = audio.resample(x, rate, 12000, "linear")
+        resampler, parts, i = LinearBlockResampler(rate, 12000), [], 0
+        while i < x.size:
+            n = int(rng.choice([0, 1, 2, 255, 4096, 30000]))  # empty, single-sample and odd blocks
+            parts.append(resampler.push(x[i : i + n]))
+            i += n
+        parts.append(resampler.finish())
+        np.testing.assert_array_equal(np.concatenate(parts), whole)  # bit for bit
+    # and through the streamed feature path: small decode blocks and transform segments, the same frames
+    sf.write(tmp_path / "a.wav", tone(9.0, 44100, 7000.0, noise=0.1), 44100, subtype="FLOAT")
+    frames: list[np.ndarray] = []
+    info = stream_features(tmp_path / "a.wav", [MEL96], [frames.append], decode_block=3001, segment=4096)
+    assert info.passes == 1
+    np.testing.assert_array_equal(np.concatenate(frames), features_from_file(tmp_path / "a.wav", MEL96))
+
+
+def test_linear_resampling_keeps_aliased_energy() -> None:
+    """A 7 kHz tone at 44.1 kHz folds to 5 kHz at 12 kHz with linear interpolation; the sinc filter removes it."""
+    x = tone(2.0, 44100, 7000.0, noise=0.0)
+    db = {m: LogMel(dataclasses.replace(MEL96, resample=m))([audio.resample(x, 44100, 12000, m)])[0].mean(axis=0)
+          for m in ("linear", "sinc")}  # fmt: skip
+    band = int(mel_filterbank(MEL96).numpy()[round(5000 * 512 / 12000)].argmax())
+    assert db["linear"].argmax() == band
+    assert db["linear"][band] - db["sinc"][band] > 40.0
+
+
+def test_specs_saved_before_the_resample_and_window_fields() -> None:
+    """An old spec reads as what freqtag then computed: sinc resampling, periodic Hann."""
+    assert LEGACY_DEFAULTS == {"resample": "sinc", "window": "hann_periodic"}
+    for spec in (MEL96, MEL128):
+        old = json.loads(spec.to_json())
+        del old["resample"], old["window"]
+        legacy = FeatureSpec.from_dict(old)
+        assert (legacy.resample, legacy.window) == ("sinc", "hann_periodic")
+    assert FeatureSpec.from_dict({k: v for k, v in MEL128.to_dict().items() if k not in LEGACY_DEFAULTS}) == MEL128
+    old96 = FeatureSpec.from_dict({k: v for k, v in MEL96.to_dict().items() if k not in LEGACY_DEFAULTS})
+    assert old96 != MEL96 and old96.name == MEL96.name
+    assert old96.differences(MEL96) == ["resample: 'sinc' != 'linear'", "window: 'hann_periodic' != 'hann_symmetric'"]
+    assert (MEL96.resample, MEL96.window, MEL128.resample, MEL128.window) == ("linear", "hann_symmetric", "sinc",
+                                                                              "hann_periodic")  # fmt: skip
+
+
+def test_spec_names_its_bad_values_and_keys() -> None:
+    with pytest.raises(ValueError, match=r"feature spec 'mel96': resample='cubic'; valid values: sinc, linear"):
+        FeatureSpec.from_dict({**MEL96.to_dict(), "resample": "cubic"})
+    with pytest.raises(ValueError, match=r"window='hamming'; valid values: hann_periodic, hann_symmetric"):
+        FeatureSpec.from_dict({**MEL96.to_dict(), "window": "hamming"})
+    with pytest.raises(ValueError, match=r"unknown keys \['resampler'\], missing keys \[\]"):
+        FeatureSpec.from_dict({**MEL96.to_dict(), "resampler": "linear"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MEL96.resample = "sinc"  # type: ignore[misc]
+
+
 # ------------------------------------------------------------- batched transform
 
 
@@ -194,6 +304,7 @@ def test_batched_transform_equals_torchaudio_and_ignores_batch_company(spec: Fea
             sample_rate=spec.sample_rate, n_fft=spec.n_fft, win_length=spec.win_length, hop_length=spec.hop_length,
             f_min=spec.f_min, f_max=spec.f_max, n_mels=spec.n_mels, power=spec.power, center=True,
             pad_mode=spec.pad_mode, norm=spec.mel_norm, mel_scale=spec.mel_scale,
+            window_fn=functools.partial(torch.hann_window, periodic=spec.window == "hann_periodic"),
         )(torch.from_numpy(w))  # fmt: skip
         ref = (spec.db_multiplier * torch.log10(torch.clamp(mel, min=spec.amin))).T.numpy()[int(spec.drop_first_frame) :]
         assert np.abs(a - ref).max() < 1e-3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import soundfile as sf
@@ -18,9 +20,9 @@ import torch
 
 from freqtag import jamendo
 from freqtag.audio import features_from_file
-from freqtag.features import FeatureSpec
-from freqtag.prepare import CRASH_REASON, audio_jobs, build_store, load_audio, read_report, report_path
-from freqtag.store import FeatureStore
+from freqtag.features import LEGACY_DEFAULTS, FeatureSpec
+from freqtag.prepare import CRASH_REASON, audio_jobs, build_store, load_audio, prepare_audio, read_report, report_path
+from freqtag.store import FeatureStore, StoreError, StoreWriter
 from test_prepare import assert_same_store  # the same store-equality check as the npy import
 
 FREQTAG = str(Path(sys.executable).parent / "freqtag")
@@ -210,6 +212,27 @@ def test_splits_mel96_in_process_with_progress(audio_dir: Path, shared_data: Pat
     again = freqtag("prepare", "--features", "mel96", "--audio-dir", str(mtg), "--splits", str(tmp_path / "splits"),
                     "--tags", str(shared_data / "moodtheme_split.txt"), "--out", str(out), "--no-progress")  # fmt: skip
     assert again.returncode == 1 and "already complete but lacks 1 of the 6" in again.stdout
+
+
+def old_store(out: Path, spec: FeatureSpec) -> Path:
+    """A store as freqtag wrote it before the recipes named their resampler and window (its spec lacks both)."""
+    writer = StoreWriter(out, spec, ["a"])
+    writer.add([("a", np.zeros((200, spec.n_mels), np.float32))])
+    writer.finish(["a"], "all")
+    old = {k: v for k, v in spec.to_dict().items() if k not in LEGACY_DEFAULTS}
+    with h5py.File(out, "r+") as f:
+        f.attrs["spec"] = json.dumps(old, sort_keys=True)
+    return out
+
+
+def test_old_mel96_store_is_not_todays_mel96(audio_dir: Path, tmp_path: Path) -> None:
+    """An old mel96 store was resampled with sinc (or imported from MTG's .npy: freqtag cannot tell): never reused
+    as today's mel96. An old mel128 store is today's mel128, whose recipe did not change."""
+    old96 = FeatureStore(old_store(tmp_path / "old96.h5", MEL96))
+    assert old96.spec != MEL96 and (old96.spec.resample, old96.spec.window) == ("sinc", "hann_periodic")
+    with pytest.raises(StoreError, match="old96.h5 is a finished store"):
+        prepare_audio(audio_dir / "gen", tmp_path / "old96.h5", "mel96", workers=0, progress=False, min_frames=1)
+    assert FeatureStore(old_store(tmp_path / "old128.h5", MEL128)).spec == MEL128
 
 
 def crashing_load(job, spec, min_frames):  # type: ignore[no-untyped-def]

@@ -45,13 +45,20 @@ class Tiny:
         ]  # fmt: skip
 
 
-def make_tiny(root: Path, seed: int = 0, features: str = "mel96") -> Tiny:
-    """Write ``root/{npy/XX/ID.npy, split-0/*.tsv, moodtheme_split.txt, FEATURES.h5}`` (random frames)."""
+def make_tiny(root: Path, seed: int = 0, features: str = "mel96", task: str = "moodtheme",
+              tags: list[str] | None = None) -> Tiny:  # fmt: skip
+    """Write ``root/{npy/XX/ID.npy, split-0/*.tsv, moodtheme_split.txt, FEATURES.h5}`` (random frames).
+
+    Another ``task`` writes its TSVs (``autotagging_{task}-*.tsv``) with ``tags`` and, like MTG for
+    genre/instrument/all, no tag-list file.
+    """
     spec = FeatureSpec.load(features)
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
+    names = list(tags) if tags else TAGS
     tags_file = root / "moodtheme_split.txt"
-    tags_file.write_text("\n".join(TAGS) + "\n")
+    if task == "moodtheme":
+        tags_file.write_text("\n".join(names) + "\n")
     splits = root / "split-0"
     order: list[str] = []
     arrays: dict[str, np.ndarray] = {}
@@ -59,12 +66,12 @@ def make_tiny(root: Path, seed: int = 0, features: str = "mel96") -> Tiny:
     number = 1000
     for split, n in COUNTS.items():
         ids, paths = [], []
-        labels = np.zeros((n, len(TAGS)), np.uint8)
+        labels = np.zeros((n, len(names)), np.uint8)
         for i in range(n):
             number += 1
             track_id = f"track_{number:07d}"
             path = f"{number % 100:02d}/{number}.mp3"
-            labels[i, [j for j in range(len(TAGS)) if j % 4 == i % 4]] = 1  # each tag: n/4 positives per split
+            labels[i, [j for j in range(len(names)) if j % 4 == i % 4]] = 1  # each tag: n/4 positives per split
             x = rng.normal(-24.0, 19.0, size=(spec.n_mels, int(rng.integers(40, 90)))).astype(np.float32)
             x[labels[i].argmax() % spec.n_mels] += 20.0  # a little signal to learn
             target = root / "npy" / Path(path).with_suffix(".npy")
@@ -73,7 +80,7 @@ def make_tiny(root: Path, seed: int = 0, features: str = "mel96") -> Tiny:
             arrays[track_id] = x.T
             ids.append(track_id)
             paths.append(path)
-        jamendo.write_split(jamendo.split_file(splits, split), ids, paths, [30.0] * n, labels, TAGS)
+        jamendo.write_split(jamendo.split_file(splits, split, task), ids, paths, [30.0] * n, labels, names)
         order += ids
         if split == "train":
             train_ids = ids
