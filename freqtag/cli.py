@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .quiet import quiet_third_party
+
+    quiet_third_party()
     from .jamendo import JamendoFormatError
     from .prepare import PrepareError
     from .store import StoreError

@@ -394,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_predict_arguments(parser)
     args = parser.parse_args(argv)
+    from .quiet import quiet_third_party
+
+    quiet_third_party()
     try:
         return run_predict(args)
     except KeyboardInterrupt:

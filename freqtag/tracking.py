@@ -9,6 +9,7 @@ multirun process never write into each other's runs.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,9 @@ def build_logger(cfg: DictConfig) -> Any:
         logger_cfg["name"] = logger_cfg.get("name") or (",".join(overrides) or "default")
         logger_cfg["group"] = logger_cfg.get("group") or sweep_group()
         logger_cfg["tags"] = list(logger_cfg.get("tags") or [o[:64] for o in overrides])
+        given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+        if os.environ.get("WANDB_DIR") and not any(o.lstrip("+").startswith("logger.save_dir=") for o in given):
+            logger_cfg["save_dir"] = os.environ["WANDB_DIR"]  # W&B's own variable, unless the command line says otherwise
         # built directly: instantiate() would try to build the `_target_`s inside the config itself
         kwargs = {k: v for k, v in logger_cfg.items() if k != "_target_"}
         return get_class(WANDB)(**kwargs, config=OmegaConf.to_container(cfg, resolve=True))

@@ -39,6 +39,7 @@ from .metrics import best_f1_thresholds, tagging_scores
 from .module import TaggingModule, seed_dropout, track_probabilities
 from .overrides import ConfigError, check_devices, check_overrides, uses_gpu
 from .precision import evaluation_precision, set_fp32_precision
+from .quiet import quiet_third_party
 from .store import StoreError
 from .swa import SWA, recompute_batchnorm
 from .tracking import build_logger, finish_wandb, log_final
@@ -457,6 +458,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """`python train.py ...`: the overrides are checked first, then Hydra composes and runs."""
+    quiet_third_party()
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as e:

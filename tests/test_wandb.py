@@ -150,3 +150,34 @@ def test_ensemble_logs_its_table_to_the_group(tmp_path):
     results = dict(line.split("\t") for line in (out / "submission" / "results.tsv").read_text().splitlines())
     for k, v in results.items():
         assert run["summary"][f"submission/{k}"] == pytest.approx(float(v), abs=1e-6)
+
+
+def test_wandb_dir_is_honoured_and_the_terminal_shows_only_what_helps(data_dir, tmp_path):
+    """WANDB_DIR places the run (save_dir no longer overrides it); no Lightning tip, no third-party deprecations."""
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb-here"
+    wandb_dir.mkdir()
+    env_dir = {"WANDB_DIR": str(wandb_dir)}
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), *SMALL, "trainer.max_epochs=1",
+                          f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                         env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **env_dir},
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert offline_run(wandb_dir)["exit"] == 0 and not list(run_dir.glob("wandb/offline-run-*"))
+    out = res.stdout + res.stderr
+    assert "GPU available" in out  # Lightning's useful lines stay
+    for noise in ("💡 Tip", "TPU available: False", "is deprecated", "FutureWarning", "DeprecationWarning"):
+        assert noise not in out, noise
+
+
+def test_quiet_keeps_real_warnings():
+    import warnings
+
+    from freqtag.quiet import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        quiet_third_party()
+        warnings.warn_explicit("old API", FutureWarning, "x.py", 1, module="torch.utils._pytree")
+        warnings.warn_explicit("our deprecation", DeprecationWarning, "y.py", 1, module="freqtag.data")
+        warnings.warn_explicit("slow loader", UserWarning, "z.py", 1, module="pytorch_lightning.trainer")
+    assert sorted(str(w.message) for w in seen) == ["our deprecation", "slow loader"]
