@@ -21,12 +21,24 @@
    files are all included), next to the child's RSS after its imports and the
    model load. The target is a peak that does not grow with the length.
 
+3. ``--workers-only``: ``freqtag predict`` end to end (decoding, features,
+   network, output) on ``--files`` generated 44.1 kHz stereo MP3 files of
+   ``--file-minutes`` each, in this process (``--workers 0``) against feature
+   worker processes (``--workers N`` for each N of ``--workers``), alternating
+   over ``--rounds`` after one warm-up run each (the fork server started, the
+   model loaded per call as the command does). Both outputs are checked equal.
+   Models: the paper's ``freq_dep`` mel128 x 224 and a ``convs`` mel96 x 128
+   (random weights): the share of the time spent on decoding and features,
+   which workers take off this process, differs between them.
+
 Both run with freed memory kept in the process, as ``freqtag predict`` does
 (``keep_freed_memory``; ``--malloc default`` leaves glibc's defaults, with
 which a chunk page-faults the network's buffers back in).
 
     python bench/predict.py [--tracks 3] [--rounds 2] [--minutes 5 20 60] [--malloc keep|default]
                             [--out bench/results/predict.json]
+    python bench/predict.py --workers-only [--files 8] [--file-minutes 2] [--workers 2] [--rounds 2]
+                            [--out bench/results/predict_workers.json]
 """
 
 from __future__ import annotations
@@ -164,6 +176,96 @@ def memory(args: argparse.Namespace, scratch: Path) -> list[dict]:
     return rows
 
 
+def write_mp3(path: Path, minutes: float, seed: int, rate: int = 44100) -> Path:
+    """A stereo chord with tremolo and noise, as MP3 (the format MTG-Jamendo ships); FLAC if MP3 cannot be written."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(minutes * 60 * rate)) / rate
+    f0 = 110.0 * (1 + seed % 5)
+    x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in (1, 2, 3, 5)) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.25 * t))
+    x = (0.2 * x + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+    stereo = np.stack([x, 0.7 * x], axis=1)
+    try:
+        sf.write(path, stereo, rate, format="MP3")
+        return path
+    except (sf.LibsndfileError, ValueError, TypeError):
+        flac = path.with_suffix(".flac")
+        sf.write(flac, stereo, rate)
+        return flac
+
+
+def split_times(ckpt: Path, files: list[str]) -> dict[str, float]:
+    """Median seconds per file of the two halves of the work, in this process: features (decoding included)
+    and the network (the torch threads of this process). Workers take the first off the main process."""
+    from freqtag.prepare import Job
+    from freqtag.tagger import load_model
+    from freqtag.tagrun import decode_features
+
+    model = load_model(ckpt)
+    feats, nets = [], []
+    for f in files[:3]:
+        t0 = time.perf_counter()
+        d = decode_features(Job("0", f), (model.spec,))
+        t1 = time.perf_counter()
+        s = model.stream()
+        s.push(d.frames[0])
+        s.finish()
+        nets.append(time.perf_counter() - t1)
+        feats.append(t1 - t0)
+    return {"features": float(np.median(feats)), "network": float(np.median(nets))}
+
+
+def workers_bench(args: argparse.Namespace, scratch: Path) -> dict:
+    """tracks/s of `freqtag predict` end to end, --workers 0 against --workers N, same files, same run."""
+    from freqtag.cli import build_parser
+
+    files = [str(write_mp3(scratch / f"w{i}.mp3", args.file_minutes, i)) for i in range(args.files)]
+    models = {"freq_dep mel128 x 224": make_checkpoint(scratch / "fd128.ckpt", "freq_dep", 128, 224),
+              "convs mel96 x 128": make_checkpoint(scratch / "cv96.ckpt", "convs", 96, 128)}
+    parser = build_parser()
+    result: dict = {"files": len(files), "minutes_per_file": args.file_minutes, "cores": len(os.sched_getaffinity(0)),
+                    "torch_threads": torch.get_num_threads(), "models": {}}
+    for name, ckpt in models.items():
+        def run(workers: int) -> tuple[float, str]:
+            out = scratch / f"out-{workers}.json"
+            a = parser.parse_args(["predict", "--ckpt", str(ckpt), *files, "--threshold", "0.5", "--format", "json",
+                                   "--no-progress", "--workers", str(workers), "--out", str(out)])
+            t0 = time.perf_counter()
+            code = a.run(a)
+            seconds = time.perf_counter() - t0
+            assert code == 0, code
+            return seconds, out.read_text()
+
+        parts = split_times(ckpt, files)
+        counts = [0, *args.workers]
+        texts = {w: run(w)[1] for w in counts}  # warm-up (the fork server, the first imports), and the check
+        assert all(t == texts[0] for t in texts.values()), "outputs differ between worker counts"
+        times: dict[int, list[float]] = {w: [] for w in counts}
+        loads = []
+        for _ in range(args.rounds):
+            for w in counts:
+                loads.append(os.getloadavg()[0])
+                times[w].append(run(w)[0])
+        rate = {w: len(files) / float(np.median(v)) for w, v in times.items()}
+        result["models"][name] = {
+            "tracks_per_s": {str(w): r for w, r in rate.items()},
+            "speedup": {str(w): rate[w] / rate[0] for w in args.workers},
+            "seconds": {str(w): v for w, v in times.items()},
+            "load_1min": [round(x, 2) for x in loads],
+            "seconds_per_file": parts,
+            # what more cores give: workers compute features in parallel, the network stays one process
+            "estimated_tracks_per_s_with_enough_workers": 1.0 / parts["network"],
+        }
+        print(f"  {name}: features {parts['features']:.2f} s, network {parts['network']:.2f} s per file (in this "
+              f"process); " + ", ".join(f"--workers {w}: {rate[w]:.3f} tracks/s" for w in counts)
+              + " (speed-up " + ", ".join(f"{rate[w] / rate[0]:.2f}x" for w in args.workers)
+              + f"; 1-min load {min(loads):.1f}-{max(loads):.1f})", flush=True)
+    for f in files:
+        Path(f).unlink()
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tracks", type=int, default=3)
@@ -173,6 +275,10 @@ def main() -> None:
     p.add_argument("--malloc", choices=("keep", "default"), default="keep",
                    help="keep: freed memory stays in the process, as `freqtag predict` does (default); default: glibc's")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--workers-only", action="store_true", help="only the --workers comparison (3. above)")
+    p.add_argument("--workers", type=int, nargs="+", default=[2], help="worker counts to compare with 0")
+    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--file-minutes", type=float, default=2.0)
     args = p.parse_args()
     if args.child:
         child(*args.child)
@@ -183,6 +289,17 @@ def main() -> None:
 
     scratch = Path(os.environ.get("FREQTAG_DATA_DIR", REPO / "data")) / "bench" / "predict"
     scratch.mkdir(parents=True, exist_ok=True)
+    if args.workers_only:
+        out = args.out if args.out != p.get_default("out") else args.out.with_name("predict_workers.json")
+        print(f"predict end to end: {args.files} MP3 files of {args.file_minutes:g} min, --workers 0 against "
+              f"{args.workers}, {args.rounds} rounds; 1-min load now {os.getloadavg()[0]:.1f}", flush=True)
+        result = {"machine": machine(), "workers": workers_bench(args, scratch)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+        return
     print(f"throughput: {args.tracks} tracks of 4 minutes, freq_dep mel128 x 224, {args.rounds} rounds, "
           f"malloc {args.malloc}", flush=True)
     tp = throughput(args, scratch)

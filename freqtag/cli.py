@@ -252,6 +252,7 @@ from .ensemble import add_ensemble_parser, run_ensemble  # noqa: E402  (numpy on
 from .submission import add_evaluate_parser, run_evaluate  # noqa: E402
 from .predict import add_predict_parser, run_predict  # noqa: E402  (numpy/soundfile only; torch when run)
 from .export import add_export_parser, run_export  # noqa: E402
+from .embed import add_embed_parser, run_embed  # noqa: E402  (as predict: torch when run)
 from .download.cli import add_download_parser, run_download  # noqa: E402  (stdlib only; rich when run)
 
 # name -> (add parser, run). Later subcommands (summary, predict, ensemble, ...)
@@ -265,6 +266,7 @@ COMMANDS: dict[str, tuple[AddParser, Runner]] = {
     "evaluate": (add_evaluate_parser, run_evaluate),
     "predict": (add_predict_parser, run_predict),
     "export": (add_export_parser, run_export),
+    "embed": (add_embed_parser, run_embed),
     "download": (add_download_parser, run_download),
 }
 

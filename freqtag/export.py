@@ -13,6 +13,9 @@ the network does in training) for TorchScript; the ONNX graph is exported for
 ``frames >= input_length`` (the sidecar's ``min_frames``): pad shorter input
 with the sidecar's ``mean`` (zero after normalisation) to ``min_frames``.
 
+``--format hub`` writes a folder to upload as a Hugging Face model instead
+(:mod:`freqtag.modelcard`).
+
 The sidecar ``FILE.json`` holds the feature recipe, the tag list (output
 order), input_length, mean/std and the input/output layout; the ONNX file
 also carries it as metadata (``freqtag``).
@@ -24,14 +27,15 @@ import argparse
 import json
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .atomic import atomic_path, atomic_write_text
 
 __all__ = ["export_checkpoint", "sidecar", "add_export_parser", "run_export", "EXPORT_FORMATS"]
 
-EXPORT_FORMATS = ("torchscript", "onnx")
+EXPORT_FORMATS = ("torchscript", "onnx", "hub")
 ONNX_OPSET = 18
 
 
@@ -42,7 +46,7 @@ def sidecar(model: Any, fmt: str, file: Path) -> dict[str, Any]:
     return {
         "format": fmt,
         "file": file.name,
-        "checkpoint": str(model.path),
+        "checkpoint": model.source or str(model.path),
         "input": {
             "name": "mel",
             "shape": ["batch", model.spec.n_mels, "frames"],
@@ -67,14 +71,33 @@ def sidecar(model: Any, fmt: str, file: Path) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _consistent_cudnn_flags() -> Iterator[None]:
+    """Give cuDNN's conv the rnn's TF32 setting during the ONNX export, then restore it.
+
+    torch.export reads the legacy ``cudnn.allow_tf32``, which raises when the
+    conv and rnn settings differ, as they do in a process that has trained
+    (training sets the conv's ``fp32_precision`` only). The export runs on the
+    CPU: the setting changes nothing in the graph.
+    """
+    import torch
+
+    conv = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = conv
+
+
 def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> tuple[Path, Path]:
     """Write the exported model to ``out`` and its sidecar to ``out + .json``; returns both paths."""
     import torch
 
     from .tagger import RawMelTagger, load_model
 
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"--format {fmt}: use one of {', '.join(EXPORT_FORMATS)}")
+    if fmt not in ("torchscript", "onnx"):
+        raise ValueError(f"--format {fmt}: export_checkpoint writes torchscript or onnx (hub: freqtag.modelcard)")
     out = Path(out)
     model = load_model(ckpt, "cpu")
     wrapper = RawMelTagger(model.net, model.mean, model.std, model.input_length).eval()
@@ -95,7 +118,7 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> tuple[Path
 
         frames = torch.export.Dim("frames", min=L)
         batch = torch.export.Dim("batch", min=1)
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _consistent_cudnn_flags():
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.onnx.export(
                 wrapper, (example,), dynamo=True, input_names=["mel"], output_names=["probabilities"],
@@ -119,9 +142,13 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no
         "the checkpoint's recipe (normalisation is inside) and returns per-window probabilities (batch, windows, "
         "tags). The recipe, tag list and statistics go to OUT.json (and, for ONNX, the model's metadata).",
     )
-    p.add_argument("--ckpt", required=True, help="a run directory or its checkpoints/final.ckpt")
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    p.add_argument("--out", type=Path, required=True, help="the file to write, e.g. model.pt or model.onnx")
+    p.add_argument("--ckpt", required=True,
+                   help="a run directory, its checkpoints/final.ckpt, an https:// URL or hf://ORG/REPO")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="torchscript or onnx: a model file; hub: a folder to upload as a Hugging Face model "
+                   "(checkpoint, thresholds, metrics, model card)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the file to write (model.pt, model.onnx), or the folder for --format hub")
     return p
 
 
@@ -129,8 +156,15 @@ def run_export(args: argparse.Namespace) -> int:
     from .tagger import CheckpointError
 
     try:
+        if args.format == "hub":
+            from .modelcard import write_hub_folder
+
+            files = write_hub_folder(args.ckpt, args.out)
+            print(f"wrote {args.out}: {', '.join(f.name for f in files)}; upload it with "
+                  f"`huggingface-cli upload ORG/REPO {args.out}`")
+            return 0
         out, side = export_checkpoint(args.ckpt, args.format, args.out)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         print(f"freqtag export: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format}) and {side}")

@@ -267,6 +267,7 @@ def run_jobs(
     initializer: Callable[[], None] | None = None,
     transform: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
     preload: Sequence[str] = (),
+    raw: bool = False,
 ) -> Iterator[Result]:
     """Results in job order; ``load`` runs in ``workers`` worker processes (0: in this one).
 
@@ -282,9 +283,11 @@ def run_jobs(
     ``transform``, if given, runs in this process on each chunk of loaded
     items (a list of ``load``'s results, in job order) and returns the
     (frames, bands) features of each: the batched step that wants one device.
+    With ``raw`` (and no transform) ``load``'s results are handed back as they
+    are, without the store's checks (``freqtag predict``'s feature workers).
     """
     chunks = [list(jobs[i : i + chunk_size]) for i in range(0, len(jobs), chunk_size)]
-    check = transform is None
+    check = transform is None and not raw
 
     def finish(results: list[Result]) -> list[Result]:
         return results if transform is None else _transformed(results, transform, n_mels)

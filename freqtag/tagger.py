@@ -51,10 +51,15 @@ __all__ = [
     "resolve_device",
     "RECEPTIVE_FRAMES",
     "CHUNK_FRAMES",
+    "LAYERS",
 ]
 
 #: Frames beyond a window's edge that its logits depend on (3x3 convs, strides 2,1,1,pool 2,2,2,1,2: 51 before).
 RECEPTIVE_FRAMES = 51
+#: Layers whose per-window activations ``freqtag embed`` gives: name -> the network's module whose output it is.
+#: ``collapse`` is the 512-d output of the average pool over each window's collapsed frames; ``fc`` the 1024-d
+#: (ReLU) layer before the output layer. Both are per window, with the logits' receptive field.
+LAYERS = {"fc": "fc", "collapse": "avgpool"}
 #: Default frames per forward pass (the core windows of a chunk): 6.3 min of mel128, 5.8 min of mel96.
 CHUNK_FRAMES = 16384
 REQUIRED_KEYS = ("state_dict", "model", "features", "tags", "input_length", "mean", "std")
@@ -122,6 +127,21 @@ class TaggerModel:
     device: torch.device
     thresholds_file: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the reference given: a path, an https:// URL or hf://ORG/REPO
+    data: dict[str, Any] | None = None  # final.ckpt's "data" (dataset, task, ...); None in older checkpoints
+
+    @property
+    def synthetic(self) -> bool:
+        """Trained on freqtag's generated demo data: its tags say nothing about real music."""
+        return bool(self.data) and self.data.get("dataset") == "synthetic"  # type: ignore[union-attr]
+
+    def sha256(self) -> str:
+        """The checkpoint file's digest (computed on first use): the model's identity in embeddings."""
+        if "sha256" not in self.info:
+            from .sources import file_sha256
+
+            self.info["sha256"] = file_sha256(self.path)
+        return str(self.info["sha256"])
 
     @property
     def window_s(self) -> float:
@@ -147,8 +167,22 @@ class TaggerModel:
         with evaluation_precision(self.device):
             return torch.sigmoid(self.net(x).float()).transpose(1, 2)
 
-    def stream(self, chunk_windows: int | None = None) -> "WindowStream":
-        return WindowStream(self, chunk_windows)
+    @torch.inference_mode()
+    def window_activations(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """(B, bands, T) normalised -> (B, W, D) float32: a layer's per-window activations (:data:`LAYERS`)."""
+        module = getattr(self.net, LAYERS[layer])
+        got: list[torch.Tensor] = []
+        hook = module.register_forward_hook(lambda _m, _i, out: got.append(out))
+        try:
+            with evaluation_precision(self.device):
+                self.net(x)
+        finally:
+            hook.remove()
+        return got[0].float().transpose(1, 2)
+
+    def stream(self, chunk_windows: int | None = None, layer: str | None = None) -> "WindowStream":
+        """Window probabilities (``layer`` None) or a layer's window activations, chunk by chunk."""
+        return WindowStream(self, chunk_windows, layer)
 
 
 class RawMelTagger(nn.Module):
@@ -174,10 +208,20 @@ class RawMelTagger(nn.Module):
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> TaggerModel:
-    """Load ``final.ckpt`` (or a run directory) for tagging; refuses anything that is not one, saying why."""
+    """Load ``final.ckpt`` (a run directory, a file, an https:// URL or hf://ORG/REPO) for tagging.
+
+    Refuses anything that is not one, saying why. Loaded with
+    ``weights_only=True``: tensors and plain data, never code.
+    """
     from hydra.utils import instantiate
 
-    ckpt = resolve_checkpoint(path)
+    from .sources import SourceError, fetch
+
+    try:
+        fetched = fetch(path)
+    except SourceError as e:
+        raise CheckpointError(str(e)) from None
+    ckpt = resolve_checkpoint(fetched.path)
     try:
         data = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a final checkpoint"
@@ -199,7 +243,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> TaggerMo
         raise CheckpointError(f"{ckpt}: the model in it cannot be rebuilt ({type(e).__name__}: {e})") from None
     dev = torch.device(device)
     net.eval().to(dev)
-    thresholds = ckpt.with_name("thresholds.tsv")
+    thresholds = fetched.thresholds or ckpt.with_name("thresholds.tsv")
+    info = {"model": dict(data["model"]), "freqtag_version": data.get("freqtag_version")}
+    if fetched.sha256:
+        info["sha256"] = fetched.sha256
     return TaggerModel(
         path=ckpt,
         net=net,
@@ -210,7 +257,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> TaggerMo
         std=float(data["std"]),
         device=dev,
         thresholds_file=thresholds if thresholds.is_file() else None,
-        info={"model": dict(data["model"]), "freqtag_version": data.get("freqtag_version")},
+        info=info,
+        source=fetched.source,
+        data=dict(data["data"]) if isinstance(data.get("data"), dict) else None,
     )
 
 
@@ -276,8 +325,9 @@ def ensemble_thresholds(models: Sequence[TaggerModel]) -> tuple[np.ndarray, str]
 class WindowStream:
     """Frames in (any pieces, in order), window probabilities out: the whole-track result in bounded memory."""
 
-    def __init__(self, model: TaggerModel, chunk_windows: int | None = None) -> None:
+    def __init__(self, model: TaggerModel, chunk_windows: int | None = None, layer: str | None = None) -> None:
         self.model = model
+        self.layer = layer
         L = model.input_length
         self.chunk = max(1, int(chunk_windows) if chunk_windows else CHUNK_FRAMES // L)
         self.context = max(1, math.ceil(RECEPTIVE_FRAMES / L))  # whole windows of context per side
@@ -311,7 +361,10 @@ class WindowStream:
         start = max(0, (self.next_window - self.context) * L)
         stop = buf.shape[0] + self.offset if end is None else end
         x = self.model.normalise(buf[start - self.offset : stop - self.offset])
-        probs = self.model.window_probabilities(x)[0].cpu().numpy()
+        if self.layer is None:
+            probs = self.model.window_probabilities(x)[0].cpu().numpy()
+        else:
+            probs = self.model.window_activations(x, self.layer)[0].cpu().numpy()
         self.forward_passes += 1
         first = self.next_window - start // L
         self.out.append(probs[first : first + stop_window - self.next_window])
@@ -322,7 +375,7 @@ class WindowStream:
         self.offset = keep
 
     def finish(self) -> np.ndarray:
-        """(W, n_tags) float32 window probabilities; W as the whole-track pass gives for the frames pushed."""
+        """(W, n_tags) float32 window probabilities (or (W, D) activations); W as the whole-track pass gives."""
         if self.frames == 0:
             raise ValueError("no frames were given")
         total = self.model.n_windows(self.frames)

@@ -282,3 +282,36 @@ def test_command_lines(runs, audio, tmp_path):
     tagged = [subprocess.run([freqtag, "predict", "--ckpt", str(runs["mel96"]), str(audio["wav"]), "--format", "json",
                               *extra], capture_output=True, text=True, check=True).stdout for extra in ([], ["--low-memory"])]
     assert json.loads(tagged[0]) == json.loads(tagged[1])
+
+
+def test_workers_give_the_same_output_in_input_order(runs, audio, capsys):
+    """Feature workers (prepare's pool) and this process give the same JSON, bit for bit, failures included."""
+    files = [audio["wav"], audio["bad"], audio["flac"], audio["short"]]
+    outs = []
+    for workers in ("0", "2"):
+        code, out, err = run_cli(capsys, "--ckpt", runs["mel96"], runs["mel128"], *files, "--format", "json",
+                                 "--windows", "--no-progress", "--workers", workers)
+        assert code == 1 and "3 files tagged, 1 failed" in err
+        outs.append(out)
+    assert outs[0] == outs[1]
+    tagged = [str(f) for f in files if f != audio["bad"]]
+    assert [r["path"] for r in json.loads(outs[1])] == tagged + [str(audio["bad"])]  # records, then failures
+
+
+def test_a_crashing_decoder_fails_only_its_file(runs, audio):
+    """A worker killed on one file (as a decoder crash would) is that file's failure; the others are tagged."""
+    freqtag = str(Path(sys.executable).parent / "freqtag")
+    res = subprocess.run([freqtag, "predict", "--ckpt", str(runs["mel96"]), str(audio["flac"]), str(audio["wav"]),
+                          str(audio["short"]), "--workers", "2", "--format", "json", "--no-progress"],
+                         capture_output=True, text=True, env={**os.environ, "FREQTAG_FAULT": "tagrun.decode:b.wav"})
+    assert res.returncode == 1, res.stderr
+    records = {r["path"]: r for r in json.loads(res.stdout)}
+    assert "worker process died on this file" in records[str(audio["wav"])]["error"]
+    assert "tags" in records[str(audio["flac"])] and "tags" in records[str(audio["short"])]
+
+
+def test_synthetic_model_warns_once(runs, audio, capsys):
+    code, _, err = run_cli(capsys, "--ckpt", runs["mel96"], audio["wav"], "--format", "json")
+    line = f"freqtag predict: warning: {runs['mel96']} was trained on freqtag's synthetic demo data: " \
+           f"its tags say nothing about real music"
+    assert code == 0 and err.splitlines().count(line) == 1

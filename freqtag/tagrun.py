@@ -1,0 +1,255 @@
+"""Models over many files, as ``predict`` and ``embed`` share it: options, loading, workers, progress, errors.
+
+Two ways to get a file's features to the network, with the same result:
+
+- ``--workers 0`` (or a single file): this process decodes the file in blocks
+  and streams each recipe's frames into the models' :class:`WindowStream`
+  (memory bounded for any length, :func:`tag_file`);
+- ``--workers N``: N processes decode and compute the features of the next
+  files (``freqtag prepare``'s crash-isolating pool,
+  :func:`freqtag.prepare.run_jobs`: a decoder that kills its process is
+  reported for that file and the others go on) while this process runs the
+  network on the CPU or GPU, in input order. A worker hands over the whole
+  float32 (frames, bands) array of each recipe: 26 MB for 10 minutes of
+  mel128; at most two files per worker are in flight.
+
+The features are computed by the same code, single-threaded, in both cases, and
+the network sees the same chunks of frames: the outputs are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .audio import AudioError
+from .faults import fault_point
+from .predict_formats import FileResult
+
+__all__ = ["add_run_arguments", "default_workers", "tag_file", "tag_files", "load_for_run", "run_files",
+           "decode_features", "DecodedFile"]
+
+OOM_FIX = "lower --batch-size (windows per forward pass), or use --device cpu"
+
+
+def default_workers() -> int:
+    """The cores this process may run on (its CPU affinity), as ``os.sched_getaffinity`` gives them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def add_run_arguments(p: argparse.ArgumentParser, ensemble: bool) -> None:
+    """The options ``predict`` and ``embed`` share (checkpoints, inputs, device, memory, workers, progress)."""
+    p.add_argument("--ckpt", nargs="+" if ensemble else 1, required=True, metavar="CKPT",
+                   help="run directories, final.ckpt files, https:// URLs (#sha256=HEX to check) or "
+                   "hf://ORG/REPO[/FILE][@REVISION]" + ("; several form an ensemble (mean of probabilities)"
+                                                        if ensemble else ""))
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="audio files, folders (searched recursively) or globs")
+    p.add_argument("--device", default="auto", help="where the network runs: auto, cpu or cuda (default: auto)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="WINDOWS",
+                   help="windows per forward pass (default: 16384 frames' worth, e.g. 73 windows of 224); "
+                   "bounds memory, never changes the result")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes decoding and computing features while this one runs the network (default: the "
+                   "cores available; 0: all in this process, memory bounded for any file length); never changes "
+                   "the result")
+    p.add_argument("--low-memory", action="store_true",
+                   help="give freed memory back to the system between chunks (glibc's default): a lower peak "
+                   "(+590-860 MiB instead of +880-1,640 MiB measured for mel128), 2.1x slower on a CPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ------------------------------------------------------------------ one file
+
+
+def _distinct_specs(models: Sequence[Any]) -> list[Any]:
+    specs: list[Any] = []
+    for m in models:  # one feature stream per distinct recipe, shared by the models that use it
+        if m.spec not in specs:
+            specs.append(m.spec)
+    return specs
+
+
+def _result(path: Path, duration_s: float, passes: int, streams: Sequence[Any]) -> FileResult:
+    windows = [s.finish() for s in streams]
+    probs = np.mean([w.mean(axis=0) for w in windows], axis=0).astype(np.float32)
+    return FileResult(path=path, duration_s=duration_s, probs=probs, windows=windows, passes=passes)
+
+
+def tag_file(path: Path, models: Sequence[Any], chunk_windows: int | None = None, layer: str | None = None,
+             **stream_options: Any) -> FileResult:
+    """One file through every model, decoded once in blocks in this process (memory bounded).
+
+    ``layer`` None gives window probabilities, else that layer's window activations (:data:`freqtag.tagger.LAYERS`).
+    """
+    from .audiostream import stream_features
+
+    specs = _distinct_specs(models)
+    streams = [m.stream(chunk_windows, layer) for m in models]
+
+    def sink_for(spec):  # type: ignore[no-untyped-def]
+        targets = [s for s, m in zip(streams, models) if m.spec == spec]
+
+        def sink(frames: np.ndarray) -> None:
+            for s in targets:
+                s.push(frames)
+
+        return sink
+
+    info = stream_features(path, specs, [sink_for(s) for s in specs], **stream_options)
+    return _result(path, info.duration_s, info.passes, streams)
+
+
+@dataclass(frozen=True)
+class DecodedFile:
+    """What a feature worker hands back: each recipe's whole (frames, bands) float32 array."""
+
+    duration_s: float
+    passes: int
+    frames: tuple[np.ndarray, ...]
+
+
+def decode_features(job: Any, specs: tuple[Any, ...]) -> DecodedFile:
+    """A worker's job: the file's features for every recipe, by the same blocks as :func:`tag_file`."""
+    from .audiostream import stream_features
+    from .prepare import SkipTrack
+
+    fault_point(f"tagrun.decode:{Path(job.source).name}")  # tests make the worker die here, as a decoder crash would
+    pieces: list[list[np.ndarray]] = [[] for _ in specs]
+    try:
+        info = stream_features(job.source, specs, [p.append for p in pieces])
+    except AudioError as e:
+        raise SkipTrack(e.reason) from None
+    frames = tuple(np.concatenate(p) if p else np.zeros((0, s.n_mels), np.float32) for p, s in zip(pieces, specs))
+    return DecodedFile(info.duration_s, info.passes, frames)
+
+
+def tag_files(files: Sequence[Path], models: Sequence[Any], chunk_windows: int | None = None,
+              layer: str | None = None, workers: int = 0) -> Iterator[tuple[Path, FileResult | str]]:
+    """Each file (in input order) with its result, or the reason it failed; the others go on."""
+    from .memory import OutOfMemory, out_of_memory, release_device_memory
+
+    device = models[0].device
+
+    def guarded(path: Path, work: Callable[[], FileResult]) -> FileResult | str:
+        try:
+            with out_of_memory(f"tagging on {device}", OOM_FIX):
+                return work()
+        except AudioError as e:
+            return e.reason
+        except OutOfMemory as e:
+            release_device_memory()
+            return str(e)
+
+    if workers < 1 or len(files) < 2:
+        for f in files:
+            yield f, guarded(f, lambda: tag_file(f, models, chunk_windows, layer))
+        return
+
+    from . import audio
+    from .prepare import Job, run_jobs
+
+    specs = tuple(_distinct_specs(models))
+
+    def network(path: Path, d: DecodedFile) -> FileResult:
+        streams = [m.stream(chunk_windows, layer) for m in models]
+        for s, m in zip(streams, models):
+            s.push(d.frames[specs.index(m.spec)])
+        return _result(path, d.duration_s, d.passes, streams)
+
+    jobs = [Job(str(i), str(f)) for i, f in enumerate(files)]
+    results = run_jobs(functools.partial(decode_features, specs=specs), jobs, n_mels=0,
+                       workers=min(workers, len(files)), chunk_size=1, initializer=audio.quiet_decoder_messages,
+                       preload=("freqtag.audio", "freqtag.audiostream", "freqtag.tagrun"), raw=True)
+    for r in results:
+        f = files[int(r.track_id)]
+        if r.features is None:
+            yield f, r.reason or "unknown failure"
+        else:
+            decoded: DecodedFile = r.features  # type: ignore[assignment]
+            yield f, guarded(f, lambda: network(f, decoded))
+
+
+# ------------------------------------------------------------- the commands
+
+
+def load_for_run(args: argparse.Namespace, command: str) -> list[Any] | int:
+    """Check the shared options and load the models; an exit status (2 usage, 1 out of memory) on failure.
+
+    Warns (one line each) about models trained on the synthetic demo data.
+    """
+    from .allocator import keep_freed_memory
+    from .inputs import split_checkpoints
+    from .memory import OutOfMemory, out_of_memory
+    from .tagger import CheckpointError, load_models, resolve_device
+
+    def usage(msg: str) -> int:
+        print(f"freqtag {command}: error: {msg}", file=sys.stderr)
+        return 2
+
+    if not args.low_memory:  # chunk after chunk would page-fault the network's buffers back in: 2.1x slower on CPU
+        keep_freed_memory()
+    split_checkpoints(args)
+    if not args.inputs:
+        return usage("no INPUT given: name audio files, folders or globs after the checkpoints")
+    if args.batch_size is not None and args.batch_size < 1:
+        return usage(f"--batch-size {args.batch_size}: must be at least 1 window")
+    if args.workers is None:
+        args.workers = default_workers()
+    if args.workers < 0:
+        return usage(f"--workers {args.workers}: must be 0 (all in this process) or more")
+    try:
+        device = resolve_device(args.device)
+        with out_of_memory(f"the model{'s' if len(args.ckpt) > 1 else ''} on {device}", OOM_FIX):
+            models = load_models(args.ckpt, device)
+    except OutOfMemory as e:
+        print(f"freqtag {command}: error: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ValueError, OSError) as e:
+        return usage(str(e))
+    for m in models:
+        if m.synthetic:
+            print(f"freqtag {command}: warning: {m.source or m.path} was trained on freqtag's synthetic demo data: "
+                  f"its tags say nothing about real music", file=sys.stderr)
+    return models
+
+
+def run_files(args: argparse.Namespace, models: Sequence[Any], files: Sequence[Path], failed: list[tuple[str, str]],
+              on_result: Callable[[FileResult], None], command: str, layer: str | None = None) -> None:
+    """Every file through the models with a progress bar; failures are printed and appended to ``failed``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    err = Console(stderr=True)
+    show = not args.no_progress and len(files) > 1 and err.is_terminal
+    verb = "tagging" if command == "predict" else "embedding"
+    with Progress(TextColumn(verb), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.description}"), console=err, disable=not show, transient=True) as progress:
+        task = progress.add_task("", total=len(files))
+        for f, r in tag_files(files, models, args.batch_size, layer, args.workers):
+            progress.update(task, description=f.name)
+            if isinstance(r, str):
+                failed.append((str(f), r))
+                progress.console.print(f"[yellow]skipped[/yellow] {f}: {r}", markup=True, highlight=False)
+            else:
+                on_result(r)
+            progress.advance(task)
+
+
+def report_failed(command: str, done: int, failed: Sequence[tuple[str, str]], what: str = "tagged") -> int:
+    """The closing lines on stderr; the exit status (1 when a file failed)."""
+    if not failed:
+        return 0
+    print(f"freqtag {command}: {done} files {what}, {len(failed)} failed:", file=sys.stderr)
+    for p, reason in failed:
+        print(f"  {p}: {reason}", file=sys.stderr)
+    return 1
