@@ -231,6 +231,22 @@ def run_summary(args: argparse.Namespace) -> int:
 
     with initialize_config_module("freqtag.conf", version_base="1.3"):
         cfg = compose("train", overrides=list(args.overrides))
+    if cfg.model.get("n_tags") is None:  # training takes it from the tag list; here the task's list, if at hand
+        from omegaconf import open_dict
+
+        from .jamendo import MOODTHEME_TAGS, task_tags
+
+        task = cfg.data.get("task", "moodtheme")
+        try:
+            n_tags = len(task_tags(cfg.data.splits_dir, task, cfg.data.get("tags_file"))[0])
+        except Exception:  # noqa: BLE001 - no metadata at hand (or paths that resolve only inside a Hydra run)
+            if task != "moodtheme":
+                _error(f"model.n_tags=null: the {task} task's tags come from its TSVs, not found under "
+                       f"data.splits_dir; pass model.n_tags=N")
+                return 2
+            n_tags = len(MOODTHEME_TAGS)
+        with open_dict(cfg):
+            cfg.model.n_tags = n_tags
     net = instantiate(cfg.model)
     rows = layer_table(net)
     table = Table(title=f"{cfg.model.filters}, {cfg.features.name}, input {cfg.features.n_mels} × {cfg.data.input_length}")
