@@ -80,7 +80,7 @@ from freqtag.features import FeatureSpec
 from freqtag.losses import WeightedBCELoss
 from freqtag.model import FILTERS, FreqTagNet
 from freqtag.module import TaggingModule
-from freqtag.training import build_loss, build_net, resolve_precision
+from freqtag.training import build_loss, build_net, resolve_precision, set_n_tags
 from machine import machine  # bench/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,12 +169,13 @@ def lightning_block(features: str, length: int, model: str, dm: JamendoDataModul
     t0 = time.perf_counter()
     cfg = config(features, length, "freq_dep" if model == PROBE else model, args, out)
     torch.manual_seed(INIT_SEED)
+    set_n_tags(cfg, dm)  # model.n_tags: null takes the tag list's length, as in training
     net = probe_net(dm.spec.n_mels, len(dm.tags)) if model == PROBE else build_net(cfg.model)
     module = TaggingModule(net, build_loss(cfg.loss, dm), **cfg.optim, mixup_alpha=cfg.mixup_alpha, seed=cfg.seed)
     timer = StepTimer()
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        precision=resolve_precision(cfg.trainer.precision),
+        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         callbacks=[timer],
         logger=False,
         enable_checkpointing=False,
