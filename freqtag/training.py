@@ -204,15 +204,18 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
     n = len(dm.splits[split].rows)
     probs = torch.zeros((n, len(dm.tags)), dtype=torch.float32, device=device)
     seen = torch.zeros(n, dtype=torch.int32, device=device)
-    for batch in loader:
-        batch = dm.on_device(batch, device)
-        with evaluation_precision(device), out_of_memory(
-            f"whole-track evaluation of {split} track {dm.splits[split].split.track_ids[int(batch['item'][0])]} "
-            f"({batch['x'].shape[-1]} frames) on {device}",
-            "evaluate on a GPU with more free memory (fewer jobs on it), or run predict with --device cpu",
-        ):
-            probs[batch["item"]] = track_probabilities(net, batch["x"])
-        seen[batch["item"]] += 1
+    batch: dict[str, Any] = {}
+    try:
+        with evaluation_precision(device):
+            for batch in loader:
+                batch = dm.on_device(batch, device)
+                probs[batch["item"]] = track_probabilities(net, batch["x"])
+                seen[batch["item"]] += 1
+    except torch.OutOfMemoryError:  # named here, where the track is known; nothing is formatted per track
+        track = dm.splits[split].split.track_ids[int(batch["item"][0])] if "item" in batch else "?"
+        with out_of_memory(f"whole-track evaluation of {split} track {track} on {device}",
+                           "evaluate on a GPU with more free memory (fewer jobs on it), or run predict with --device cpu"):
+            raise
     if distributed():
         torch.distributed.all_reduce(probs)
         torch.distributed.all_reduce(seen)
