@@ -270,6 +270,7 @@ from .predict import add_predict_parser, run_predict  # noqa: E402  (numpy/sound
 from .export import add_export_parser, run_export  # noqa: E402
 from .embed import add_embed_parser, run_embed  # noqa: E402  (as predict: torch when run)
 from .download.cli import add_download_parser, run_download  # noqa: E402  (stdlib only; rich when run)
+from .serve.command import add_serve_parser, run_serve  # noqa: E402  (stdlib only; torch, starlette when run)
 
 # name -> (add parser, run). Later subcommands (summary, predict, ensemble, ...)
 # add one line here and their two functions above.
@@ -284,6 +285,7 @@ COMMANDS: dict[str, tuple[AddParser, Runner]] = {
     "export": (add_export_parser, run_export),
     "embed": (add_embed_parser, run_embed),
     "download": (add_download_parser, run_download),
+    "serve": (add_serve_parser, run_serve),
 }
 
 
