@@ -21,6 +21,12 @@ probabilities as the whole-track pass:
 
 A track of at most ``chunk_windows + context`` windows is one chunk: exactly
 training's evaluation (one track per forward pass).
+
+Training's evaluation can also score several whole tracks in one forward pass
+(:func:`batch_track_probabilities`): shorter tracks are zero padded to the
+longest, and after every layer that mixes neighbouring frames the frames past a
+track's own end are zeroed again, which is what that layer's zero padding
+gives the track scored alone; its windows are then the same.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .features import FeatureSpec
+from .model import ConvBlock, FreqDepConv, FreqTagNet
 from .precision import evaluation_precision
 
 __all__ = [
@@ -52,6 +59,9 @@ __all__ = [
     "RECEPTIVE_FRAMES",
     "CHUNK_FRAMES",
     "LAYERS",
+    "TIME_MIXING",
+    "batch_track_probabilities",
+    "masked_layers",
 ]
 
 #: Frames beyond a window's edge that its logits depend on (3x3 convs, strides 2,1,1,pool 2,2,2,1,2: 51 before).
@@ -63,6 +73,9 @@ LAYERS = {"fc": "fc", "collapse": "avgpool"}
 #: Default frames per forward pass (the core windows of a chunk): 6.3 min of mel128, 5.8 min of mel96.
 CHUNK_FRAMES = 16384
 REQUIRED_KEYS = ("state_dict", "model", "features", "tags", "input_length", "mean", "std")
+#: FreqTagNet's layers that mix neighbouring frames, in forward order. Each ends in a ReLU (maxpool takes
+#: ReLU outputs), so a zero past a track's end stands for the layer's own zero (or, for max, -inf) padding.
+TIME_MIXING = ("conv1", "conv2", "conv3", "maxpool", "filter1", "filter2", "filter3", "filter4")
 
 
 class CheckpointError(ValueError):
@@ -320,6 +333,83 @@ def ensemble_thresholds(models: Sequence[TaggerModel]) -> tuple[np.ndarray, str]
     warnings.warn("the runs' validation predictions do not cover the same tracks: using the mean of their thresholds")
     mean = np.mean([read_thresholds(m.thresholds_file, m.tags) for m in models], axis=0)  # type: ignore[arg-type]
     return mean, "mean of the models' thresholds.tsv"
+
+
+def _time_geometry(module: nn.Module) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of ``module`` along time, or None for a layer this module does not know."""
+    if isinstance(module, ConvBlock) and isinstance(module.conv.padding, tuple):
+        c = module.conv
+        return int(c.kernel_size[1]), int(c.stride[1]), int(c.padding[1])
+    if isinstance(module, FreqDepConv):
+        return 3, int(module.stride), 1
+    if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
+        k, s, p = (v if isinstance(v, int) else v[-1] for v in (module.kernel_size, module.stride, module.padding))
+        return int(k), int(s), int(p)
+    return None
+
+
+def masked_layers(net: nn.Module) -> list[tuple[nn.Module, tuple[int, int, int]]] | None:
+    """The layers :func:`batch_track_probabilities` masks, with their time geometry; None when ``net`` is not a
+    :class:`~freqtag.model.FreqTagNet` it can mask (then tracks are scored one per pass)."""
+    net = getattr(net, "_orig_mod", net)  # a torch.compile wrapper: mask the eager module inside
+    if not isinstance(net, FreqTagNet):
+        return None
+    layers = []
+    for name in TIME_MIXING:
+        module = getattr(net, name)
+        geometry = _time_geometry(module)
+        if geometry is None:
+            return None
+        layers.append((module, geometry))
+    return layers
+
+
+def batch_track_probabilities(net: nn.Module, x: torch.Tensor, frames: Sequence[int]) -> torch.Tensor:
+    """(B, bands, T) normalised tracks, track b in its first ``frames[b]`` frames -> (B, n_tags) probabilities.
+
+    Each row equals scoring that track alone (sigmoid per window, mean over its
+    windows; :func:`freqtag.module.track_probabilities`): the frames past a
+    track's end, and every masked layer's outputs past the track's own output
+    length, are set to zero, so nothing beyond the end (padding or another
+    track's length) reaches its windows; windows past its last are dropped.
+    ``net`` must be a FreqTagNet (:func:`masked_layers`) in eval mode.
+    """
+    layers = masked_layers(net)
+    if layers is None:
+        raise TypeError(f"batch_track_probabilities needs a FreqTagNet, got {type(net).__name__}")
+    inner = getattr(net, "_orig_mod", net)
+    L = int(inner.input_length)
+    valid = [max(int(t), L) for t in frames]  # the network pads a track shorter than a window to one window
+    if len(valid) != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} tracks in the batch but {len(valid)} lengths")
+    hooks = []
+
+    def zero_past(lengths: list[int]) -> Any:
+        ends = torch.tensor(lengths, device=x.device)
+
+        def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            if min(lengths) < out.shape[-1]:
+                past = torch.arange(out.shape[-1], device=out.device) >= ends.view(-1, *[1] * (out.dim() - 1))
+                out.masked_fill_(past, 0.0)
+
+        return hook
+
+    lengths = valid
+    for module, (k, s, p) in layers:
+        lengths = [(v + 2 * p - k) // s + 1 for v in lengths]  # the layer's output length for the track alone
+        hooks.append(module.register_forward_hook(zero_past(lengths)))
+    try:
+        if min(frames) < x.shape[-1]:
+            ends = torch.tensor([int(t) for t in frames], device=x.device)
+            x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) >= ends.view(-1, 1, 1), 0.0)
+        windows = torch.sigmoid(net(x).float())  # (B, n_tags, W of the longest)
+    finally:
+        for h in hooks:
+            h.remove()
+    counts = [inner.n_windows(int(t)) for t in frames]
+    if all(c == windows.shape[-1] for c in counts):
+        return windows.mean(dim=-1)
+    return torch.stack([windows[b, :, :c].mean(dim=-1) for b, c in enumerate(counts)])
 
 
 class WindowStream:

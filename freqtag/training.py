@@ -3,7 +3,7 @@
 Run directory (one Hydra job)::
 
     .hydra/                         Hydra's record of the config and overrides
-    checkpoints/last.ckpt           resumable (ckpt_path=...), written atomically every epoch
+    checkpoints/last.ckpt           resumable (ckpt_path=...), written atomically every epoch (in the background)
     checkpoints/final.ckpt          SWA weights with BatchNorm recomputed, plus what predicting needs
     predictions/{validation,test}.npz
     metrics.json
@@ -11,12 +11,15 @@ Run directory (one Hydra job)::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import hydra
 import numpy as np
@@ -26,11 +29,12 @@ from hydra.utils import get_class, instantiate
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
+from torch.utils.data import Dataset, Sampler
 
 from . import __version__
 from .allocator import keep_freed_memory
 from .atomic import atomic_path, atomic_write_text
-from .data import DataError, JamendoDataModule
+from .data import DataError, JamendoDataModule, normalised
 from .faults import DiskFullError, disk_full, fault_point
 from .features import FeatureSpec
 from .jamendo import JamendoFormatError
@@ -40,14 +44,20 @@ from .module import TaggingModule, seed_dropout, track_probabilities
 from .overrides import ConfigError, check_devices, check_overrides, uses_gpu
 from .precision import evaluation_precision, set_fp32_precision
 from .quiet import quiet_third_party
-from .store import StoreError
+from .store import FeatureStore, StoreError
 from .swa import SWA, recompute_batchnorm
+from .tagger import batch_track_probabilities, masked_layers
 from .tracking import build_logger, finish_wandb, log_final
 
 __all__ = [
     "run", "main", "build_net", "atomic_save", "AtomicCheckpointIO", "evaluate_tracks", "FINAL_KEYS",
-    "TrainingDiverged", "ResumeError", "check_resume",
+    "TrainingDiverged", "ResumeError", "check_resume", "EVAL_BATCH_FRAMES", "TrackBatchSampler", "TrackBatchDataset",
+    "check_eval_batch_frames", "check_async_checkpoint",
 ]
+
+#: Frames per forward pass of batched whole-track evaluation (config ``eval_batch_frames``): about 25 minutes of
+#: mel128, the longest single track's pass today, in GPU memory about 1.6 GiB of activations at mel128.
+EVAL_BATCH_FRAMES = 65536
 
 FINAL_KEYS = ("state_dict", "model", "features", "tags", "input_length", "mean", "std", "freqtag_version")
 
@@ -70,18 +80,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary name, fsync, then rename: never a truncated file under ``path``.
-
-    A full disk raises :class:`DiskFullError` naming the file, with the
-    previous ``path`` untouched and the partial temporary file removed.
-    Temporary files of writers that were killed (their pid is gone) are
-    removed after a successful save, so kills never pile up dead copies.
-    """
+def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """``write`` into a temporary name, fsync, rename onto ``path``; full disk -> :class:`DiskFullError`."""
     path = Path(path)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             fault_point(f"checkpoint.written:{path.name}")
             f.flush()
             os.fsync(f.fileno())
@@ -96,22 +100,94 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary name, fsync, then rename: never a truncated file under ``path``.
+
+    A full disk raises :class:`DiskFullError` naming the file, with the
+    previous ``path`` untouched and the partial temporary file removed.
+    Temporary files of writers that were killed (their pid is gone) are
+    removed after a successful save, so kills never pile up dead copies.
+    """
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_save_bytes(data: bytes | memoryview, path: str | Path) -> None:
+    """:func:`atomic_save` of an object already serialised by ``torch.save`` (same file, same guarantees)."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints (last.ckpt) written through ``atomic_save``, carrying what the run was trained on.
 
     ``run_info`` (tags, feature recipe, input length) is stored under the
     ``freqtag`` key, so a resume with other tags or features is refused
     before training (:func:`check_resume`) instead of loading silently.
+
+    ``async_checkpoint``: the step loop does not wait for the disk. The
+    checkpoint is serialised by ``torch.save`` into host memory on the calling
+    thread (a snapshot: the bytes a synchronous save would write, taken before
+    the next step changes a weight), and a background thread writes them
+    atomically (temporary name, fsync, rename). One write at a time: the next
+    save, a load or a removal waits for the one in flight, and so does the end
+    of fit (``teardown``) or a failure. A failed write (disk full: the same
+    one-line :class:`DiskFullError`) is raised by the next of these; when the
+    run is already failing for another reason it is only warned about.
+    Lightning's own ``AsyncCheckpointIO`` is not used: it clones tensors on
+    their device (GPU memory, not host), shares non-tensor state with the
+    trainer, queues any number of snapshots, and re-raises from ``teardown``
+    over the run's own error.
     """
 
-    def __init__(self, run_info: dict[str, Any] | None = None) -> None:
+    def __init__(self, run_info: dict[str, Any] | None = None, async_checkpoint: bool = False) -> None:
         super().__init__()
         self.run_info = run_info
+        self.async_checkpoint = bool(async_checkpoint)
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if self.run_info is not None:
             checkpoint = {**checkpoint, "freqtag": self.run_info}
-        atomic_save(checkpoint, path)
+        if not self.async_checkpoint:
+            atomic_save(checkpoint, path)
+            return
+        self.wait()
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        self._writer = threading.Thread(target=self._write, args=(buffer, Path(path)), name=f"freqtag {Path(path).name}")
+        self._writer.start()
+
+    def _write(self, buffer: io.BytesIO, path: Path) -> None:
+        try:
+            atomic_save_bytes(buffer.getbuffer(), path)
+        except BaseException as e:  # noqa: BLE001 - raised on the training thread by wait()
+            self._error = e
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the write in flight (if any) is on disk under its name; raise its error (``raise_error``)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None and raise_error:
+            error, self._error = self._error, None
+            raise error
+
+    def load_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.wait()
+        return super().load_checkpoint(path, *args, **kwargs)
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        self.wait()
+        super().remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """End of fit (or a failure): the last write finishes first; its error is raised unless one already is."""
+        failing = sys.exc_info()[1] is not None
+        self.wait(raise_error=not failing)
+        if failing and self._error is not None:
+            error, self._error = self._error, None
+            warnings.warn(f"writing a checkpoint in the background failed as well: {error}", stacklevel=2)
+        super().teardown()
 
 
 def run_info(dm: JamendoDataModule) -> dict[str, Any]:
@@ -192,29 +268,127 @@ def rank() -> int:
     return torch.distributed.get_rank() if distributed() else 0
 
 
+def check_eval_batch_frames(value: Any) -> int:
+    """``eval_batch_frames`` as an int >= 0, or one :class:`ConfigError` line naming it and the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"eval_batch_frames={value!r}: must be 0 (whole-track evaluation one track per forward pass) or a "
+            f"positive number of frames per pass (default {EVAL_BATCH_FRAMES}; lower it if evaluation runs out of memory)"
+        )
+    return value
+
+
+def check_async_checkpoint(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"async_checkpoint={value!r}: must be true (last.ckpt written in a background thread) or false "
+            f"(written before the next training step)"
+        )
+    return value
+
+
+class TrackBatchSampler(Sampler[list[int]]):
+    """This rank's tracks (items rank, rank+W, ..., as :class:`~freqtag.data.TrackSampler`) in batches of
+    similar length: longest first, a batch closed when one more track would take it past ``batch_frames``
+    frames padded to its longest (a longer track goes alone). Deterministic; every item exactly once."""
+
+    def __init__(self, lengths: np.ndarray, input_length: int, batch_frames: int, rank: int = 0,
+                 world_size: int = 1) -> None:  # fmt: skip
+        items = list(range(rank, len(lengths), world_size))
+        size = {i: max(int(lengths[i]), input_length) for i in items}  # a short track still costs one window
+        items.sort(key=lambda i: (-size[i], i))
+        self.batches: list[list[int]] = []
+        for i in items:
+            batch = self.batches[-1] if self.batches else None
+            if batch and (len(batch) + 1) * size[batch[0]] <= batch_frames:
+                batch.append(i)
+            else:
+                self.batches.append([i])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(b) for b in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class TrackBatchDataset(Dataset):
+    """Whole tracks of a batch, normalised and zero padded to the longest: ``x`` (B, bands, T), ``frames`` (B,)."""
+
+    def __init__(self, store: FeatureStore, rows: np.ndarray) -> None:
+        self.store = store
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
+        frames = np.array([int(self.store.lengths[self.rows[i]]) for i in batch], dtype=np.int64)
+        x16 = torch.zeros((len(batch), self.store.n_bands, int(frames.max())), dtype=torch.float16)
+        for k, i in enumerate(batch):
+            x16[k, :, : frames[k]] = torch.from_numpy(self.store.crop(int(self.rows[i]), 0, int(frames[k]))).t()
+        x = normalised(x16, frames, self.store.mean, self.store.std)  # the per-track arithmetic; zero past each end
+        return {"item": torch.tensor(list(batch)), "x": x, "frames": torch.from_numpy(frames)}
+
+
 @torch.no_grad()
-def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: torch.device) -> np.ndarray:
-    """Whole-track probabilities (N, n_tags) in split-TSV order, one track per forward pass.
+def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: torch.device,
+                    eval_batch_frames: int = 0) -> np.ndarray:  # fmt: skip
+    """Whole-track probabilities (N, n_tags) in split-TSV order.
+
+    ``eval_batch_frames`` 0: one track per forward pass (the reference's
+    evaluation, and this function's default for direct callers). N > 0 (run's
+    config default :data:`EVAL_BATCH_FRAMES`): tracks of similar length share a
+    pass of at most N padded frames (:class:`TrackBatchSampler`), scored by
+    :func:`~freqtag.tagger.batch_track_probabilities`, whose masks keep the
+    padding out of every track's windows: each row equals the one-track pass to
+    float rounding (bit for bit for a track alone in its pass). Fewer, larger
+    passes keep a GPU busy; a network that cannot be masked is scored one
+    track per pass.
 
     Under DDP each rank scores its own tracks (never a repeat) and the rows are
     summed over the ranks, so every rank returns every track exactly once.
     """
+    eval_batch_frames = check_eval_batch_frames(eval_batch_frames)
     net.eval().to(device)
-    loader = dm.track_loader(split)
     n = len(dm.splits[split].rows)
     probs = torch.zeros((n, len(dm.tags)), dtype=torch.float32, device=device)
     seen = torch.zeros(n, dtype=torch.int32, device=device)
+    batched = eval_batch_frames > 0 and masked_layers(net) is not None
+    if batched:
+        dm.check()
+        assert dm.store is not None
+        rows = dm.splits[split].rows
+        rank, world = dm._rank()
+        loader = dm._loader(TrackBatchDataset(dm.store, rows),
+                            TrackBatchSampler(dm.store.lengths[rows], dm.input_length, eval_batch_frames, rank, world))
+    else:
+        loader = dm.track_loader(split)
     batch: dict[str, Any] = {}
     try:
         with evaluation_precision(device):
             for batch in loader:
-                batch = dm.on_device(batch, device)
-                probs[batch["item"]] = track_probabilities(net, batch["x"])
-                seen[batch["item"]] += 1
-    except torch.OutOfMemoryError:  # named here, where the track is known; nothing is formatted per track
-        track = dm.splits[split].split.track_ids[int(batch["item"][0])] if "item" in batch else "?"
-        with out_of_memory(f"whole-track evaluation of {split} track {track} on {device}",
-                           "evaluate on a GPU with more free memory (fewer jobs on it), or run predict with --device cpu"):
+                if batched:
+                    items = batch["item"].to(device)
+                    x = batch["x"].to(device, non_blocking=True)
+                    probs[items] = batch_track_probabilities(net, x, batch["frames"].tolist())
+                else:
+                    batch = dm.on_device(batch, device)
+                    items = batch["item"]
+                    probs[items] = track_probabilities(net, batch["x"])
+                seen[items] += 1
+    except torch.OutOfMemoryError:  # named here, where the tracks are known; nothing is formatted per track
+        ids = dm.splits[split].split.track_ids
+        got = [int(i) for i in batch["item"]] if "item" in batch else []
+        if len(got) > 1:
+            what = (f"whole-track evaluation of {split} tracks {ids[got[0]]} and {len(got) - 1} more "
+                    f"({len(got)} x {int(batch['x'].shape[-1])} frames in one pass) on {device}")
+            fix = (f"lower eval_batch_frames (now {eval_batch_frames}; 0 scores one track per pass), evaluate on a "
+                   f"GPU with more free memory (fewer jobs on it), or run predict with --device cpu")
+        else:
+            what = f"whole-track evaluation of {split} track {ids[got[0]] if got else '?'} on {device}"
+            fix = "evaluate on a GPU with more free memory (fewer jobs on it), or run predict with --device cpu"
+        with out_of_memory(what, fix):
             raise
     if distributed():
         torch.distributed.all_reduce(probs)
@@ -331,6 +505,8 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
         raise ConfigError(str(e)) from None
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
+    eval_batch_frames = check_eval_batch_frames(cfg.get("eval_batch_frames", EVAL_BATCH_FRAMES))
+    ckpt_io = AtomicCheckpointIO(async_checkpoint=check_async_checkpoint(cfg.get("async_checkpoint", True)))
     out = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))
@@ -348,12 +524,13 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
         raise ValueError("callbacks.swa is missing: the final model is the SWA model (see REFERENCE.md)")
     if cfg.get("ckpt_path"):
         check_resume(cfg.ckpt_path, dm)
+    ckpt_io.run_info = run_info(dm)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         callbacks=list(callbacks.values()),
         logger=build_logger(cfg),
-        plugins=[AtomicCheckpointIO(run_info(dm))],
+        plugins=[ckpt_io],
     )
     check_launch(trainer)
     device = trainer.strategy.root_device
@@ -367,7 +544,9 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
             "this GPU",
         ):
             trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        ckpt_io.wait()  # Lightning's teardown has waited already; nothing may still be writing last.ckpt below
     except FloatingPointError as e:
+        ckpt_io.wait(raise_error=False)
         last = out / "checkpoints" / "last.ckpt"
         if last.is_file():
             epoch = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("epoch", "?")
@@ -388,7 +567,7 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
     metrics: dict[str, dict[str, float]] = {}
     for split in ("validation", "test"):
         d = dm.splits[split]
-        probs = evaluate_tracks(module.net, dm, split, device)
+        probs = evaluate_tracks(module.net, dm, split, device, eval_batch_frames)
         metrics[split] = tagging_scores(probs, d.split.labels)
         if not writer:
             continue
