@@ -17,11 +17,14 @@ $(STAMP): pyproject.toml
 train: install
 	$(BIN)/python train.py experiment=demo
 
+# test files run in TEST_WORKERS processes (each file whole in one: its fixtures are built once)
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 test-full: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python bench/freqconv.py

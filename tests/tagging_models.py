@@ -7,8 +7,10 @@ temporary folder the first time and reuses the runs after that.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from filelock import FileLock
 from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
@@ -39,10 +41,20 @@ def train_tiny(out: Path, features: str) -> Path:
 
 
 def trained_runs(tmp_path_factory) -> dict[str, Path]:  # type: ignore[no-untyped-def]
-    """{"mel96": run dir, "mel128": run dir}, trained on first use in this session."""
-    base = tmp_path_factory.getbasetemp() / "tagging-models"
+    """{"mel96": run dir, "mel128": run dir}, trained on first use in this session.
+
+    Under pytest-xdist every worker has its own base temporary folder; the
+    models go into the folder the workers share, trained once under a file
+    lock, so the second worker waits for the first instead of training again.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    base = base / "tagging-models"
+    base.mkdir(parents=True, exist_ok=True)
     runs = {}
-    for features in ("mel96", "mel128"):
-        done = base / f"run-{features}" / "checkpoints" / "final.ckpt"
-        runs[features] = done.parent.parent if done.is_file() else train_tiny(base, features)
+    with FileLock(base / "train.lock"):
+        for features in ("mel96", "mel128"):
+            done = base / f"run-{features}" / "checkpoints" / "final.ckpt"
+            runs[features] = done.parent.parent if done.is_file() else train_tiny(base, features)
     return runs

@@ -33,6 +33,7 @@ def faults_per_step(mode: str) -> tuple[bool, int]:
     return out[0] == "True", int(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings exist on Linux only")
 def test_training_steps_reuse_memory_instead_of_page_faulting():
     applied, kept = faults_per_step("keep")

@@ -56,6 +56,7 @@ def test_ddp_scores_every_track_once_like_one_process(ddp_run):
         assert (written["probs"] > 0).all()  # no row left empty
 
 
+@pytest.mark.slow
 def test_ddp_resume_after_kill(ddp_run, tmp_path):
     """Both ranks killed (SIGKILL to the process group) after an epoch; the resumed run ends as the uninterrupted."""
     data_dir = ddp_run.parent / "data"

@@ -370,6 +370,7 @@ def tiny_grid(tmp_path_factory) -> Path:
     return sweep
 
 
+@pytest.mark.slow
 def test_tiny_grid_overrides(tiny_grid):
     data_dir = tiny_grid.parent / "data"
     for num, (model, loss) in enumerate([("convs", "bce"), ("convs", "weighted"), ("freq_dep", "bce"), ("freq_dep", "weighted")]):
@@ -380,6 +381,7 @@ def test_tiny_grid_overrides(tiny_grid):
         assert overrides == swept + fixed + [f"paths.data_dir={data_dir}"]
 
 
+@pytest.mark.slow
 def test_tiny_grid_ensemble(tiny_grid, tmp_path):
     res = freqtag_command("ensemble", tiny_grid, "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
@@ -403,6 +405,7 @@ def test_tiny_grid_ensemble(tiny_grid, tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_evaluate_a_run_against_its_split_tsv(tiny_grid, tmp_path):
     """Our predictions .npz scored against the split TSV, decisions from the run's validation thresholds."""
     run = tiny_grid / "2"

@@ -103,6 +103,7 @@ def test_swa_final_weights_are_the_average(finished):
         assert not torch.allclose(final[bn], last["state_dict"][f"net.{bn}"])
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(finished, tmp_path):
     run_dir, _, metrics = finished
     cfg = config(tmp_path)
@@ -111,6 +112,7 @@ def test_same_seed_same_metrics(finished, tmp_path):
     assert run(cfg) == metrics
 
 
+@pytest.mark.slow
 def test_worker_processes_and_the_store_give_the_same_metrics(finished, tmp_path):
     """The store read by 2 worker processes (crops through the shared-memory ring) = the in-memory run."""
     run_dir, cfg, metrics = finished

@@ -100,6 +100,7 @@ def test_offline_run_holds_config_summary_and_checkpoint(data_dir, tmp_path):
     assert ("model", ["final.ckpt", "thresholds.tsv"]) in run["artifacts"]
 
 
+@pytest.mark.slow
 def test_multirun_finishes_each_job_and_marks_the_failed_one(data_dir, tmp_path):
     """Two jobs in one process: each gets its own W&B run; the job whose loss went NaN ends failed."""
     sweep = tmp_path / "sweep"
@@ -113,6 +114,7 @@ def test_multirun_finishes_each_job_and_marks_the_failed_one(data_dir, tmp_path)
     assert "test/roc_auc" in good["summary"] and "test/roc_auc" not in bad["summary"]
 
 
+@pytest.mark.slow
 def test_disabled_mode_trains_and_writes_no_run(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     res = train(tmp_path, *SMALL, "trainer.max_epochs=1", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
@@ -152,6 +154,7 @@ def test_ensemble_logs_its_table_to_the_group(tmp_path):
         assert run["summary"][f"submission/{k}"] == pytest.approx(float(v), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_wandb_dir_is_honoured_and_the_terminal_shows_only_what_helps(data_dir, tmp_path):
     """WANDB_DIR places the run (save_dir no longer overrides it); no Lightning tip, no third-party deprecations."""
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb-here"
