@@ -16,7 +16,8 @@ same data (one store, one filtered split) and ONE evaluation
 Each ingredient of the plain loop can be swapped for freqtag's, one at a time:
 
   --dropout ours   reseed the dropout generator every step, as TaggingModule.on_train_batch_start
-  --mixup ours     lam/permutation from np.random.default_rng([seed, step, 2]), as TaggingModule.mixup
+  --mixup ours     lam from np.random.default_rng([seed, step, 2]), the permutation from a torch generator seeded
+                   by that stream's next draw, as TaggingModule.mixup_draw
   --crops ours     freqtag.data.CropSampler (order and starts from (seed, epoch))
   --gather ours    JamendoDataModule.gather + freqtag.data.normalised (in-memory crops)
   --val-pass       the per-epoch centre-crop validation pass Lightning runs (eval mode)
@@ -160,6 +161,16 @@ def run_ours(seed: int, tracks: int, epochs: int, out: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- theirs: the plain loop
+def ours_mixup(seed: int, step: int, alpha: float, n: int):
+    """freqtag's mixup draws at (seed, step) (TaggingModule.mixup_draw, on the CPU): lam, then the permutation."""
+    import torch
+
+    rng = np.random.default_rng([seed, step, 2])
+    lam = float(rng.beta(alpha, alpha))
+    generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    return lam, torch.randperm(n, generator=generator)
+
+
 class Opts(argparse.Namespace):
     dropout = "theirs"
     mixup = "theirs"
@@ -234,9 +245,7 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
 
     def mix(x: torch.Tensor, step: int):
         if o.mixup == "ours":
-            rng = np.random.default_rng([seed, step, 2])
-            lam = float(rng.beta(alpha, alpha))
-            perm = torch.from_numpy(rng.permutation(len(x)))
+            lam, perm = ours_mixup(seed, step, alpha, len(x))
         else:
             lam = float(np.random.beta(alpha, alpha))
             perm = torch.randperm(len(x))
@@ -496,9 +505,9 @@ def rng_stats(steps: int, seed: int, tracks: int, out: Path | None) -> dict:
         lam, fixed, pos0 = [], [], []
         for step in range(steps):
             if regime == "ours":
-                rng = np.random.default_rng([seed, step, 2])
-                lam.append(float(rng.beta(alpha, alpha)))
-                perm = rng.permutation(B)
+                lam_ours, perm_ours = ours_mixup(seed, step, alpha, B)
+                lam.append(lam_ours)
+                perm = perm_ours.numpy()
             else:
                 lam.append(float(np.random.beta(alpha, alpha)))
                 perm = torch.randperm(B).numpy()

@@ -99,25 +99,31 @@ class CropSampler(Sampler[list[tuple[int, int]]]):
         return full + (rest >= self.world_size)
 
 
-def normalised(x16: torch.Tensor, valid: np.ndarray | None, mean: float, std: float) -> torch.Tensor:
+def normalised(x16: torch.Tensor, valid: torch.Tensor | np.ndarray | None, mean: float, std: float) -> torch.Tensor:
     """(B, bands, L) float16 crops -> (B, bands, L) float32 ``(x - mean) / std``, frames past ``valid`` set to 0.
 
     The input is already band-major: the transposition is done where it is
     cheap (in the loader's workers, or once when the in-memory frames are
-    loaded), so this is one converting copy and two in-place passes.
+    loaded), so this is one converting copy and two in-place passes. Frames
+    past ``valid`` are zeroed by one mask over the batch, built on the crops'
+    device: no host decision per crop, so no copy of ``valid`` to the host
+    (a sync per step on a GPU) and one kernel whatever the number of short crops.
     """
     out = torch.empty(x16.shape, dtype=torch.float32, device=x16.device)
     out.copy_(x16)
     out.sub_(mean).div_(std)
     if valid is not None:
-        for k in np.flatnonzero(valid < x16.shape[-1]):
-            out[k, :, int(valid[k]) :] = 0.0
+        if isinstance(valid, np.ndarray):
+            valid = torch.as_tensor(valid, device=x16.device)
+        past = torch.arange(x16.shape[-1], device=x16.device) >= valid[:, None]
+        out.masked_fill_(past[:, None, :], 0.0)
     return out
 
 
 _RINGS: "weakref.WeakValueDictionary[int, CropRing]" = weakref.WeakValueDictionary()
 _RING_IDS = itertools.count(1)
 PREFETCH = 2  # batches each worker process makes ahead (the DataLoader's prefetch_factor)
+PINNED_DEVICE_TYPES = ("cuda",)  # batches go to these devices from pinned host memory
 RING_HOLD = 3  # batches a consumer may hold, beyond the DataLoader's prefetch, before a slot is reused
 
 
@@ -159,7 +165,7 @@ class CropRing:
         self.seq[slot] = token
 
     def check(self, slot: int, token: int) -> None:
-        if int(self.seq[slot]) != token:
+        if int(self.seq.numpy()[slot]) != token:  # host shared memory, read through numpy: no tensor call
             raise RingOverwrite(
                 f"a crop batch was overwritten in its shared-memory slot before it was used: whatever iterates "
                 f"the loader held more than {RING_HOLD} batches without passing them through the DataModule's "
@@ -540,9 +546,20 @@ class JamendoDataModule(pl.LightningDataModule):
         return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
     def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> Any:
-        if "slot" in batch and device.type != "cpu":  # the crops leave their shared slot here
-            batch["x16"] = CropRing.read(batch, lambda x: x.to(device))
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        """The batch's tensors to ``device``; to a GPU from pinned host memory, without the host waiting.
+
+        A copy from ordinary (pageable) memory makes the host wait for the
+        stream; from pinned memory it is queued and the step goes on. torch's
+        caching host allocator keeps each pinned block until its copy is done.
+        Crops still in their shared-memory slot are copied out into pinned
+        memory first (checked to be the batch's own after the copy), so a
+        worker may overwrite the slot while the GPU copy is still queued. On
+        the CPU nothing moves (the crops are normalised straight out of the slot).
+        """
+        pin = device.type in PINNED_DEVICE_TYPES
+        if "slot" in batch and device.type != "cpu":
+            batch["x16"] = CropRing.read(batch, lambda x: x.pin_memory() if pin else x.to(device))
+        return {k: _to_device(v, device, pin) for k, v in batch.items()}
 
     def on_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """A loader's batch ready for the network on ``device``: the three hooks, as Lightning runs them."""
@@ -553,7 +570,7 @@ class JamendoDataModule(pl.LightningDataModule):
         """Normalise the batch's float16 crops on its device (gathering them first in the in-memory mode)."""
         if "x" in batch:
             return batch
-        valid = batch["valid"].cpu().numpy()
+        valid = batch["valid"]  # on the crops' device: the short crops are zeroed there (no copy to the host)
         if "slot" in batch:  # on the CPU: normalise straight out of the shared slot
             batch["x"] = CropRing.read(batch, lambda x: normalised(x, valid, self.mean, self.std))
         else:
@@ -582,6 +599,15 @@ class JamendoDataModule(pl.LightningDataModule):
         n = frames.shape[1] - self.input_length
         windows = frames.as_strided((n, frames.shape[0], self.input_length), (1, frames.shape[1], 1))
         return windows.index_select(0, self._offsets[rows] + starts)
+
+
+def _to_device(value: Any, device: torch.device, pin: bool) -> Any:
+    """A tensor on ``device`` without a blocking copy (pinned first when ``pin``); anything else as it is."""
+    if not isinstance(value, torch.Tensor) or value.device == device:
+        return value
+    if pin and value.device.type == "cpu" and not value.is_pinned():
+        value = value.pin_memory()
+    return value.to(device, non_blocking=True)
 
 
 def _numpy_batch(batch: dict[str, Any]) -> dict[str, Any]:

@@ -122,9 +122,11 @@ class FocalLoss(nn.Module):
         return f"alpha={self.alpha}, gamma={self.gamma}"
 
 
-def mixup_loss(loss: nn.Module, logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float) -> Tensor:
+def mixup_loss(loss: nn.Module, logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float | Tensor,
+               rest: float | Tensor | None = None) -> Tensor:
     """lam * L(logits, y_a) + (1 - lam) * L(logits, y_b), the reference's mixup loss.
 
     Mixing the losses rather than the targets keeps every loss on hard 0/1 targets.
+    ``rest``: 1 - lam when it is given already (the compiled step passes both as tensors).
     """
-    return lam * loss(logits, y_a) + (1.0 - lam) * loss(logits, y_b)
+    return lam * loss(logits, y_a) + ((1.0 - lam) if rest is None else rest) * loss(logits, y_b)
