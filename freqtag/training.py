@@ -516,7 +516,7 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
     check_scorable(dm)
     set_n_tags(cfg, dm)
     net = build_net(cfg.model)
-    module = TaggingModule(net, build_loss(cfg.loss, dm), **cfg.optim, mixup_alpha=cfg.mixup_alpha, seed=cfg.seed)
+    module = TaggingModule.from_config(cfg, net, build_loss(cfg.loss, dm))
 
     callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
     swa = next((c for c in callbacks.values() if isinstance(c, SWA)), None)
