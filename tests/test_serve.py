@@ -222,6 +222,8 @@ def test_bad_files_get_predicts_message_and_the_server_goes_on(server, small_run
         assert status == 422, body
         assert body == {"path": name, "error": expected[name]}
     assert expected["silent.wav"].startswith("silent") and "corrupt or not audio" in expected["corrupt.ogg"]
+    status, body = server.post_file("../../music/notes.mp3", (tmp_path / "notes.mp3").read_bytes())
+    assert status == 422 and body["path"] == "notes.mp3"  # the client's base name only, never a path
     status, body = server.post_file("", b"")  # what a form with no file chosen sends
     assert status == 400 and "no file in the upload" in body["error"]
     status, body = server.post_file("empty.wav", b"")
@@ -345,7 +347,10 @@ def test_page_tags_the_clip_in_headless_chromium(server, clip_record, tmp_path):
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/api/tag" not in e["message"]]
         assert severe == []  # no script error, no resource refused by the page's Content-Security-Policy
         if os.environ.get("FREQTAG_SERVE_SCREENSHOT"):  # the README's picture: FREQTAG_SERVE_SCREENSHOT=docs/serve.png
-            save_small_png(tmp_path / "serve.png", Path(os.environ["FREQTAG_SERVE_SCREENSHOT"]))
+            driver.execute_script("arguments[0].remove(); window.scrollTo(0, 0);", failed)
+            driver.set_window_size(1280, 1480)
+            driver.save_screenshot(str(tmp_path / "readme.png"))
+            save_small_png(tmp_path / "readme.png", Path(os.environ["FREQTAG_SERVE_SCREENSHOT"]))
     finally:
         driver.quit()
 
@@ -358,6 +363,31 @@ def save_small_png(src: Path, dest: Path) -> None:
         im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(dest, optimize=True)
 
 
+@pytest.mark.slow
+def test_ensemble_of_trained_models_as_predict(tmp_path_factory, clips):
+    """Several --ckpt behave as predict's ensemble: mel96 + mel128 trained runs, thresholds fitted on validation."""
+    from tagging_models import trained_runs
+
+    runs = trained_runs(tmp_path_factory)
+    ckpts = [runs["mel96"], runs["mel128"]]
+    s = launch(ckpts, tmp_path_factory.mktemp("serve-ensemble"))
+    try:
+        (expected,) = predict_json(ckpts, CLIPS, [CLIP.name], "--windows")
+        wait_for_url(s)
+        status, model = s.get_json("/api/model")
+        assert status == 200 and model["ensemble"] and model["features"] == "mel128 + mel96"
+        assert model["threshold_source"] == "fitted on the ensemble's validation predictions"
+        status, rec = s.post_file(CLIP.name, CLIP.read_bytes(), "?windows=1&taggram=1")
+        assert status == 200
+        taggram = rec.pop("taggram")
+        assert rec == expected
+        finest = min(expected["windows"], key=lambda w: w["window_s"])  # the grid predict --plot draws on
+        assert taggram["step_s"] == pytest.approx(finest["window_s"])
+        assert len(taggram["activations"]) == len(finest["start_s"]) and len(taggram["activations"][0]) == 56
+    finally:
+        assert stop(s) == 0
+
+
 # ----------------------------------------------------------------------- stop
 
 
@@ -367,3 +397,12 @@ def test_ctrl_c_stops_cleanly(server):
     assert "freqtag serve: stopped" in server.stderr.read_text()
     assert not folder.exists()  # the private upload folder goes with the server
     assert server.stdout.read_text().strip() == f"freqtag serve: {server.url} (Ctrl-C stops it)"
+
+
+def test_upload_names_on_disk_are_ours():
+    from freqtag.serve.uploads import display_name, safe_name
+
+    assert safe_name("../../my song (live).MP3") == "my_song_live_.mp3"  # the extension decides the decoder
+    assert safe_name("C:\\music\\a.b.flac") == "a_b.flac" and safe_name("noext") == "noext"
+    assert safe_name("../") == "upload" and safe_name(".ogg") == "upload.ogg"
+    assert display_name("C:\\music\\a.flac") == "a.flac" and display_name("dir/") == "upload"

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .service import TaggingService
+from .service import TaggingService, log
 from .uploads import UploadError, UploadFolder, receive_upload
 
 __all__ = ["create_app", "STATIC_DIR", "SECURITY_HEADERS"]
@@ -53,7 +53,7 @@ class _Headers:
 def create_app(service: TaggingService, folder: UploadFolder) -> Any:
     """The Starlette app for ``service``; uploads go to ``folder`` and are deleted after tagging."""
     from starlette.applications import Starlette
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
@@ -72,7 +72,10 @@ def create_app(service: TaggingService, folder: UploadFolder) -> Any:
         try:
             upload = await receive_upload(request.headers, request.stream(), folder, service.max_upload_bytes)
         except UploadError as e:
+            log(f"refused an upload: {e}")
             return api_json({"error": str(e)}, e.status)
+        except ClientDisconnect:  # the browser went away mid-upload: nothing to answer, nothing left on disk
+            return Response(status_code=400)
         try:
             loop = asyncio.get_running_loop()
             status, body = await loop.run_in_executor(service.pool, lambda: service.tag(upload, **flags))

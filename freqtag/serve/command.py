@@ -128,7 +128,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _url(host: str, sock: socket.socket) -> str:
     port = sock.getsockname()[1]
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    shown = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # "all" addresses: this machine's
     return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
 
 

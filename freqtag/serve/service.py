@@ -24,7 +24,7 @@ import numpy as np
 from ..predict_formats import Report, render
 from .uploads import Upload
 
-__all__ = ["TaggingService", "SYNTHETIC_WARNING"]
+__all__ = ["TaggingService", "SYNTHETIC_WARNING", "log"]
 
 SYNTHETIC_WARNING = "trained on freqtag's synthetic demo data: its tags say nothing about real music"
 
@@ -106,13 +106,13 @@ class TaggingService:
             traceback.print_exc()
             return 500, {"path": upload.name, "error": f"internal error while tagging ({type(e).__name__}: {e})"}
         if isinstance(result, str):
-            _log(f"refused {upload.name}: {result}")
+            log(f"refused {upload.name}: {result}")
             return (503 if OOM_FIX in result else 422), {"path": upload.name, "error": result}
         result.path = Path(upload.name)
         (record,) = json.loads(render([result], [], replace(self.report, with_windows=windows), "json"))
         if taggram:
             record["taggram"] = self._taggram(result.windows)
-        _log(f"tagged {upload.name} ({result.duration_s:.1f} s of audio) in {time.perf_counter() - start:.1f} s")
+        log(f"tagged {upload.name} ({result.duration_s:.1f} s of audio) in {time.perf_counter() - start:.1f} s")
         return 200, record
 
     def _taggram(self, windows: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -126,5 +126,5 @@ class TaggingService:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _log(line: str) -> None:
+def log(line: str) -> None:
     print(f"freqtag serve: {line}", file=sys.stderr, flush=True)

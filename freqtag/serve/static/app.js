@@ -3,7 +3,7 @@
 
 const PARALLEL = 2;          // uploads in flight at once; the server's --jobs bounds tagging itself
 const LABEL_W = 150;         // taggram: tag names on the left, in CSS pixels
-const ROW_H = 11;            // taggram: one row per tag
+const ROW_H = 10;            // taggram: one row per tag
 const AXIS_H = 22;           // taggram: the time axis below
 const MAGMA = [[0, 0, 0, 4], [0.25, 81, 18, 124], [0.5, 183, 55, 121], [0.75, 252, 137, 97], [1, 252, 253, 191]];
 
@@ -53,12 +53,14 @@ async function loadModel() {
 // ------------------------------------------------------------------ uploads
 
 function addFiles(files) {
+  const batch = document.createDocumentFragment();  // the newest files on top, in the order given
   for (const file of files) {
     const card = document.getElementById("card-template").content.firstElementChild.cloneNode(true);
     card.querySelector(".name").textContent = file.name;
-    document.getElementById("results").prepend(card);
+    batch.append(card);
     queue.push({file, card});
   }
+  document.getElementById("results").prepend(batch);
   pump();
 }
 
@@ -165,17 +167,18 @@ function magma(v) {
 }
 
 // The cells as an image (one pixel per window and tag, rows in `order`), scaled up when drawn.
-function cellImage(acts, order) {
+// Colours span the file's own range of probabilities, [lo, hi], so that changes over time show.
+function cellImage(acts, order, lo, hi) {
   const cols = acts.length, rows = order.length;
   const img = document.createElement("canvas");
   img.width = Math.max(1, cols);
   img.height = rows;
   const ctx = img.getContext("2d");
   const data = ctx.createImageData(img.width, rows);
-  const vmax = Math.max(1e-6, ...acts.map(c => Math.max(...c)));
+  const range = Math.max(1e-6, hi - lo);
   for (let c = 0; c < cols; c++) {
     for (let r = 0; r < rows; r++) {
-      const [R, G, B] = magma(acts[c][order[r]] / vmax);
+      const [R, G, B] = magma((acts[c][order[r]] - lo) / range);
       const o = 4 * (r * img.width + c);
       data.data.set([R, G, B, 255], o);
     }
@@ -188,8 +191,12 @@ function setupTaggram(card, rec, tags, order, audio) {
   const canvas = card.querySelector(".taggram-canvas");
   const acts = rec.taggram.activations, step = rec.taggram.step_s;
   const span = Math.max(rec.duration_s, acts.length * step);
-  const image = cellImage(acts, order);
+  const lo = Math.min(...acts.map(c => Math.min(...c))), hi = Math.max(...acts.map(c => Math.max(...c)));
+  const image = cellImage(acts, order, lo, hi);
   const now = card.querySelector(".now");
+  card.querySelector(".scale").textContent =
+    `${acts.length} windows of ${step.toFixed(2)} s; colour from ${fmt(lo)} (dark) to ${fmt(hi)} (light), ` +
+    "this file's lowest and highest window probability. Click the taggram to move the player there.";
   canvas.dataset.columns = String(acts.length);
   canvas.setAttribute("aria-label", `taggram of ${rec.path}: ${tags.length} tags over ${acts.length} windows`);
   const layout = () => {
@@ -214,7 +221,9 @@ function setupTaggram(card, rec, tags, order, audio) {
     drawAxis(ctx, plotW, tags.length * ROW_H, span);
     const t = audio.currentTime || 0;
     const x = LABEL_W + plotW * Math.min(t, span) / span;
-    ctx.fillStyle = "rgba(0, 200, 255, 0.95)";
+    ctx.fillStyle = "#fff";
+    ctx.fillRect(x - 2, 0, 4, tags.length * ROW_H);
+    ctx.fillStyle = "#0a84ff";
     ctx.fillRect(x - 1, 0, 2, tags.length * ROW_H);
     const col = Math.min(acts.length - 1, Math.floor(t / step));
     const best = order.slice().sort((a, b) => acts[col][b] - acts[col][a]).slice(0, 3);
