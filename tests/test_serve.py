@@ -115,8 +115,17 @@ def launch(ckpts: list[Path], base: Path, *extra: str) -> Server:
     freqtag = str(Path(sys.executable).parent / "freqtag")
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen([freqtag, "serve", "--ckpt", *map(str, ckpts), "--port", "0", *extra],
-                                stdout=o, stderr=e, stdin=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmpdir)})
+                                stdout=o, stderr=e, stdin=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmpdir)},
+                                preexec_fn=stop_with_parent)
     return Server(proc, "", tmpdir, out, err)
+
+
+def stop_with_parent() -> None:
+    """In the child: SIGTERM when pytest dies (Linux), so that a killed test run leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def wait_for_url(server: Server, timeout: float = 300) -> Server:

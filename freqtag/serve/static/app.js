@@ -94,16 +94,17 @@ async function tag(file, card) {
   setState(card, "tagging", "tagging\u2026");
   const form = new FormData();
   form.append("file", file, file.name);
-  let response, body;
+  let response, text, body = null;
   try {
     response = await fetch("/api/tag?taggram=1", {method: "POST", body: form});
-    body = await response.json();
+    text = await response.text();
   } catch (e) {
     fail(card, `${file.name}: no answer from the server (${e.message}); is freqtag serve still running?`);
     return;
   }
-  if (!response.ok) {
-    fail(card, `${file.name}: ${body.error || "HTTP " + response.status}`);
+  try { body = JSON.parse(text); } catch (e) { /* not JSON: shown as text below */ }
+  if (!response.ok || body === null) {
+    fail(card, `${file.name}: ${(body && body.error) || `HTTP ${response.status}: ${text.slice(0, 200)}`}`);
     return;
   }
   show(card, file, body);
