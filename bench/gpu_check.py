@@ -10,6 +10,9 @@ others, and the exit status is 1 when any failed:
 3. ``train_step``: samples/s of a real ``Trainer.fit`` (built as ``bench/train_step.py`` does), batch 32,
    {convs, freq_dep} x {mel96 x 128, mel128 x 224} x {16-mixed, bf16-mixed}; peak GPU memory (the
    in-memory store included); the GradScaler's skipped steps; one batch's loss on the GPU against the CPU's.
+   Then the step variants of issue #14 at freq_dep/mel128 x 224/16-mixed, each against the default block:
+   ``optim.fused=false`` (the unfused SGD, whose GradScaler reads found_inf on the host every step) and,
+   with ``--compile``, ``compile=true compile_mode=reduce-overhead`` (its first step compiles: minutes).
 4. ``loader``: crops/s of the training DataLoader delivering normalised batches on the GPU (store with
    0/4/8 workers, in-memory), against the samples/s the GPU consumes at that shape (stage 3).
 5. ``short_run``: ``python train.py experiment=demo`` shrunk, stopped cleanly inside its SWA epochs, then
@@ -40,12 +43,13 @@ batch loss against the CPU's float32 loss): ``MIXED_RTOL`` = 2e-2, relative, as 
 8 (bf16) to 11 (fp16) mantissa bits.
 
 Time on one H200 with 16 cores, estimated (no GPU was at hand to measure): start-up and env 10 s, synth
-15 s, train_step 40 s, loader 15 s, short_run / grid / ddp 50 s together (process start-up dominates),
-prepare 15 s, predict 15 s: about 2.7 min of the 5 allowed. ``--cpu`` on 2 idle cores: under a minute.
+15 s, train_step 45 s (``--compile``: a few minutes more, mostly compiling), loader 15 s, short_run / grid /
+ddp 50 s together (process start-up dominates), prepare 15 s, predict 15 s: about 2.8 min of the 5 allowed
+(without ``--compile``). ``--cpu`` on 2 idle cores: under a minute.
 
     bench/gpu_check.sh [--cpu] [--wheels DIR] [--out DIR]     (the wrapper; more options pass through)
     python bench/gpu_check.py [--cpu] [--out DIR] [--work DIR | --keep-work] [--fp32-precision ieee|tf32]
-                              [--only STAGE,...]
+                              [--only STAGE,...] [--compile]
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from importlib.metadata import version
@@ -127,6 +131,7 @@ class Sizes:
     tiny_runs: bool  # stages 5 and 6 on the tiny dataset too (else on the synthetic one); stage 7 always
     batch: int
     blocks: tuple[BlockSpec, ...]  # stage 3's training blocks
+    variants: tuple[tuple[BlockSpec, tuple[str, ...]], ...]  # stage 3's blocks with other settings (overrides)
     warmup: int
     steps: int
     loader_workers: tuple[int, ...]
@@ -160,6 +165,7 @@ def blocks(models: Sequence[str], shapes: Sequence[tuple[str, int]], precisions:
 GPU = Sizes(
     tracks={"mel96": 1000, "mel128": 1000}, tiny_frames=None, tiny_runs=False, batch=32,
     blocks=blocks(("convs", "freq_dep"), (("mel96", 128), ("mel128", 224)), ("16-mixed", "bf16-mixed")),
+    variants=((("freq_dep", "mel128", 224, "16-mixed"), ("optim.fused=false",)),),
     warmup=5, steps=20, loader_workers=(0, 4, 8), loader_batch=32, loader_length=224, loader_seconds=2.0,
     run_model="freq_dep", run_length=64, run_batch=32, run_epochs=5, run_train_batches=None, run_stop=2, swa_fraction=0.6,
     grid_length=64, grid_jobs_per_gpu=2, grid_backend="loky", ddp_model="convs", ddp_length=128,
@@ -169,6 +175,7 @@ CPU = Sizes(
     tracks={"mel96": 300, "mel128": 300}, tiny_frames=32, tiny_runs=True, batch=2,
     # one shape; bf16 on a CPU without bf16 instructions is emulated, 10x slower than float32: one block checks it
     blocks=blocks(("convs", "freq_dep"), (("mel96", 32),), ("32-true",)) + (("convs", "mel96", 32, "bf16-mixed"),),
+    variants=((("convs", "mel96", 32, "32-true"), ("optim.fused=true",)),),
     warmup=1, steps=1, loader_workers=(0, 2), loader_batch=16, loader_length=32, loader_seconds=0.2,
     run_model="convs", run_length=32, run_batch=8, run_epochs=5, run_train_batches=2, run_stop=2, swa_fraction=0.6,
     # the grid's jobs in a thread of the launching process: a loky worker would spend ~10 s of CPU importing
@@ -552,6 +559,7 @@ class StepProbe:
                 self.scales: list[float] = []
 
             def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                super().on_train_start(trainer, pl_module)
                 if trainer.scaler is not None:
                     self.scales.append(float(trainer.scaler.get_scale()))
 
@@ -577,8 +585,7 @@ def fit_block(cfg: Any, dm: Any, precision: str, c: Check) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     torch.manual_seed(INIT_SEED)
-    module = TaggingModule(build_net(cfg.model), build_loss(cfg.loss, dm), **cfg.optim, mixup_alpha=cfg.mixup_alpha,
-                           seed=cfg.seed)
+    module = TaggingModule.from_config(cfg, build_net(cfg.model), build_loss(cfg.loss, dm))
     probe = StepProbe()
     trainer = instantiate(
         cfg.trainer, precision=precision, callbacks=[probe], logger=False, enable_checkpointing=False,
@@ -595,7 +602,7 @@ def fit_block(cfg: Any, dm: Any, precision: str, c: Check) -> dict[str, Any]:
     scales = probe.scales
     skipped = sum(b < a for a, b in zip(scales, scales[1:])) if scales else None  # a skipped step halves the scale
     out = {"samples_per_s": s["samples_per_s"], "step_ms_median": s["step_ms_median"], "steps": len(probe.ends),
-           "setup_s": round(setup, 2), "loss_first": probe.losses[0], "loss_last": probe.losses[-1],
+           "setup_s": round(setup, 2), "first_step_s": round(probe.ends[0] - probe.start, 2), "loss_first": probe.losses[0], "loss_last": probe.losses[-1],
            "peak_memory_mib": round(torch.cuda.max_memory_allocated(c.device) / 2**20, 1) if c.device.type == "cuda"
            else None,
            "scaler_skipped_steps": skipped, "scaler_final_scale": scales[-1] if scales else None}  # fmt: skip
@@ -624,11 +631,15 @@ def stage_train_step(c: Check, fig: dict[str, Any]) -> None:
         x, y = batch["x"], batch["y"].float()
         for model in dict.fromkeys(m for m, f, n, _ in c.sizes.blocks if (f, n) == (features, length)):
             precisions = [p for m, f, n, p in c.sizes.blocks if (m, f, n) == (model, features, length)]
-            cfg = bench_train_step.config(features, length, model, args, c.work / "train_step")
-            with open_dict(cfg):
-                cfg.trainer.accelerator = "cpu" if c.cpu else "gpu"
-                if cfg.model.get("n_tags") is None:  # the tag list decides, as training.run does
-                    cfg.model.n_tags = len(dm.tags)
+            def block_config(extra: tuple[str, ...] = ()) -> Any:
+                cfg = bench_train_step.config(features, length, model, args, c.work / "train_step", extra)
+                with open_dict(cfg):
+                    cfg.trainer.accelerator = "cpu" if c.cpu else "gpu"
+                    if cfg.model.get("n_tags") is None:  # the tag list decides, as training.run does
+                        cfg.model.n_tags = len(dm.tags)
+                return cfg
+
+            cfg = block_config()
             shape = {"model": model, "features": features, "input_length": length, "batch": c.sizes.batch}
             fig["losses"].append({**shape, **batch_losses(cfg, dm, x, y, c, precisions)})
             for precision in precisions:
@@ -636,6 +647,18 @@ def stage_train_step(c: Check, fig: dict[str, Any]) -> None:
                 b = fig["blocks"][-1]
                 print(f"  {model:8} {features}x{length:<4} {precision:10} {b['samples_per_s']:9.1f} samples/s"
                       f"  peak {b['peak_memory_mib']} MiB  skipped {b['scaler_skipped_steps']}", flush=True)
+            for (m, f, n, precision), extra in c.sizes.variants:
+                if (m, f, n) != (model, features, length):
+                    continue
+                default = next(b for b in fig["blocks"] if b["precision"] == precision and
+                               (b["model"], b["features"], b["input_length"]) == (m, f, n))
+                v = {**shape, "precision": precision, "settings": " ".join(extra),
+                     **fit_block(block_config(extra), dm, precision, c)}
+                v["speedup_vs_default"] = round(v["samples_per_s"] / default["samples_per_s"], 3)
+                fig.setdefault("variants", []).append(v)
+                print(f"  {model:8} {features}x{length:<4} {precision:10} {v['samples_per_s']:9.1f} samples/s"
+                      f"  x{v['speedup_vs_default']:.2f} with {v['settings']} (first step {v['first_step_s']} s)",
+                      flush=True)
         fig["store_on_device_mib"][features] = round(dm.in_memory_bytes() / 2**20, 1)  # in the peak memory figures
         dm.release()
         best = max(b["samples_per_s"] for b in fig["blocks"] if (b["features"], b["input_length"]) == (features, length))
@@ -1268,6 +1291,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="float32 on the GPU (freqtag.precision); sets the GPU-vs-CPU tolerance")
     parser.add_argument("--only", type=lambda v: set(v.split(",")), default=None, metavar="STAGE,...",
                         help="run only these stages (what they need from others must be in --work already)")
+    parser.add_argument("--compile", action="store_true",
+                        help="stage 3 also times compile=true (reduce-overhead on a GPU): the compilation takes minutes")
     args = parser.parse_args(argv)
     if args.only and not args.only <= set(STAGES):
         parser.error(f"--only {','.join(sorted(args.only - set(STAGES)))}: stages are {', '.join(STAGES)}")
@@ -1279,7 +1304,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     work = args.work or Path(tempfile.mkdtemp(prefix="freqtag-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    c = Check(cpu=args.cpu, sizes=CPU if args.cpu else GPU, device=torch.device("cpu" if args.cpu else "cuda"),
+    sizes = CPU if args.cpu else GPU
+    if args.compile:
+        spec = sizes.variants[0][0]
+        mode = "default" if args.cpu else "reduce-overhead"
+        sizes = replace(sizes, variants=(*sizes.variants, (spec, ("compile=true", f"compile_mode={mode}"))))
+    c = Check(cpu=args.cpu, sizes=sizes, device=torch.device("cpu" if args.cpu else "cuda"),
               mode=args.fp32_precision, work=work.resolve())
     started = time.perf_counter()
     bg = Background()

@@ -32,7 +32,18 @@ called measurable when it exceeds twice that.
 
     python bench/train_step.py [--steps 6] [--warmup 1] [--rounds 2] [--models freq_dep [convs] [probe]]
                                [--shapes mel128:224 mel96:128] [--malloc keep|default]
-                               [--out bench/results/train_step.json]
+                               [--variants eager [fused] [compiled] [compiled+fused]] [--compile-mode default]
+                               [--no-plain] [--out bench/results/train_step.json]
+
+``--variants`` (issue #14): the Lightning step as configured by the run's
+settings: ``eager`` (the defaults), ``fused`` (``optim.fused=true``: fused
+SGD; the default on a GPU), ``compiled`` (``compile=true``, with
+``--compile-mode``) and ``compiled+fused``. Each variant is a Lightning block
+of its own, reported with its speed-up over ``eager`` (± one standard error);
+a compiled block's first step holds the compilation (``first_step_s``), the
+warm-up keeps it out of the timed steps. ``--no-plain`` leaves the plain loop
+out. Each block records the 1-minute load average at its end
+(``load_avg_1min``): on a shared machine the figures are only as steady as it.
 
 Memory: ``train.py`` keeps freed memory in the process (``keep_freed_memory``,
 ``freqtag/allocator.py``); the bench does the same for both methods (one
@@ -85,6 +96,13 @@ from machine import machine  # bench/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("lightning", "plain")
+#: --variants: the run settings (config overrides) of each Lightning variant; "eager" is the "lightning" method
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "eager": (),
+    "fused": ("optim.fused=true",),
+    "compiled": ("compile=true",),
+    "compiled+fused": ("compile=true", "optim.fused=true"),
+}
 INIT_SEED = 1234  # both methods start from the same weights
 PROBE = "probe"
 PROBE_STEPS = 300
@@ -103,6 +121,8 @@ class Block:
     samples: list[int] = field(default_factory=list)
     setup_s: list[float] = field(default_factory=list)
     faults: list[int] = field(default_factory=list)  # minor page faults per step, one figure per block
+    first_step_s: list[float] = field(default_factory=list)  # fit start to the end of step 1 (compiling included)
+    load_avg: list[float] = field(default_factory=list)  # the 1-minute load average at each block's end
 
     def add(self, ends: list[float], sizes: list[int], warmup: int, setup: float, faults: int) -> None:
         if len(ends) <= warmup:
@@ -111,6 +131,7 @@ class Block:
         self.samples += sizes[warmup:]
         self.setup_s.append(setup)
         self.faults.append(faults // len(ends))
+        self.load_avg.append(round(os.getloadavg()[0], 2))
 
     def summary(self) -> dict[str, Any]:
         ms = [1000 * s for s in self.step_s]
@@ -123,6 +144,8 @@ class Block:
             "samples": sum(self.samples),
             "setup_s": [round(s, 3) for s in self.setup_s],
             "minor_faults_per_step": self.faults,
+            "first_step_s": [round(s, 2) for s in self.first_step_s],
+            "load_avg_1min": self.load_avg,
             "step_ms": [round(v, 1) for v in ms],
         }
 
@@ -130,14 +153,15 @@ class Block:
 # --------------------------------------------------------------------- config
 
 
-def config(features: str, length: int, model: str, args: argparse.Namespace, out: Path) -> DictConfig:
-    """The run's config as `python train.py` would compose it, with the bench's overrides."""
+def config(features: str, length: int, model: str, args: argparse.Namespace, out: Path,
+           extra: tuple[str, ...] = ()) -> DictConfig:
+    """The run's config as `python train.py` would compose it, with the bench's overrides (and ``extra``)."""
     overrides = [
         "data=synthetic", f"features={features}", f"model={model}", "loss=weighted",
         f"data.input_length={length}", f"data.batch_size={args.batch_size}",
         "data.in_memory=true", "data.num_workers=0",
         f"data.synthetic.tracks={args.tracks}", "data.synthetic.seed=0",
-        "trainer.accelerator=cpu", "trainer.precision=32-true",
+        "trainer.accelerator=cpu", "trainer.precision=32-true", *extra,
     ]
     with initialize_config_module("freqtag.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -156,6 +180,10 @@ class StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.ends: list[float] = []
         self.sizes: list[int] = []
+        self.start = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -164,14 +192,18 @@ class StepTimer(pl.Callback):
 
 
 def lightning_block(features: str, length: int, model: str, dm: JamendoDataModule, args: argparse.Namespace,
-                    out: Path) -> tuple[list[float], list[int], float]:
-    """Hydra compose + instantiate (as freqtag.training.run does) and Trainer.fit for warmup + steps steps."""
+                    out: Path, variant: str = "eager") -> tuple[list[float], list[int], float, float]:
+    """Hydra compose + instantiate (as freqtag.training.run does) and Trainer.fit for warmup + steps steps.
+
+    Returns the step ends, batch sizes, setup seconds and the seconds from the fit's start to step 1's end.
+    """
     t0 = time.perf_counter()
-    cfg = config(features, length, "freq_dep" if model == PROBE else model, args, out)
+    extra = (*VARIANTS[variant], f"compile_mode={args.compile_mode}")
+    cfg = config(features, length, "freq_dep" if model == PROBE else model, args, out, extra)
     torch.manual_seed(INIT_SEED)
     set_n_tags(cfg, dm)  # model.n_tags: null takes the tag list's length, as in training
     net = probe_net(dm.spec.n_mels, len(dm.tags)) if model == PROBE else build_net(cfg.model)
-    module = TaggingModule(net, build_loss(cfg.loss, dm), **cfg.optim, mixup_alpha=cfg.mixup_alpha, seed=cfg.seed)
+    module = TaggingModule.from_config(cfg, net, build_loss(cfg.loss, dm))
     timer = StepTimer()
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -187,7 +219,7 @@ def lightning_block(features: str, length: int, model: str, dm: JamendoDataModul
     )
     setup = time.perf_counter() - t0
     trainer.fit(module, datamodule=dm)
-    return timer.ends, timer.sizes, setup
+    return timer.ends, timer.sizes, setup, timer.ends[0] - timer.start
 
 
 # ---------------------------------------------------------------------- plain
@@ -263,6 +295,21 @@ def compare(lt: Block, pt: Block) -> dict[str, Any]:
     }
 
 
+def speedup(vt: Block, et: Block) -> dict[str, Any]:
+    """A variant's samples/s over eager's, with a standard error from the step times (taken as independent)."""
+    vm, em = statistics.fmean(vt.step_s), statistics.fmean(et.step_s)
+    rel_var = sum(statistics.variance(b.step_s) / len(b.step_s) / m**2 for b, m in ((vt, vm), (et, em))
+                  if len(b.step_s) > 1)
+    ratio = (sum(vt.samples) / sum(vt.step_s)) / (sum(et.samples) / sum(et.step_s))
+    se = ratio * math.sqrt(rel_var)
+    return {"speedup_vs_eager": round(ratio, 4), "speedup_se": round(se, 4),
+            "measurable": bool(se > 0 and abs(ratio - 1) > 2 * se)}
+
+
+def method_name(variant: str) -> str:
+    return "lightning" if variant == "eager" else f"lightning:{variant}"
+
+
 def parse_shape(text: str) -> tuple[str, int]:
     features, _, length = text.partition(":")
     if features not in ("mel128", "mel96") or not length.isdigit():
@@ -294,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
                         help="keep: freed memory stays in the process, as train.py does (default); default: glibc's")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FREQTAG_DATA_DIR", REPO / "data")))
+    parser.add_argument("--variants", nargs="+", default=["eager"], choices=tuple(VARIANTS),
+                        help="Lightning step variants (issue #14): eager, fused (optim.fused=true), compiled "
+                             "(compile=true), compiled+fused; default: eager")
+    parser.add_argument("--compile-mode", default="default", help="compile_mode of the compiled variants")
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the plain PyTorch loop too (default; --no-plain: the Lightning variants only)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_step.json")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
@@ -313,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     combos = [(model, features, length) for model in args.models for features, length in args.shapes]
     # the probe's steps take a few ms: many more of them for the same precision
     probe_args = argparse.Namespace(**{**vars(args), "steps": max(args.steps, PROBE_STEPS), "warmup": max(args.warmup, 5)})
-    blocks = {(c, m): Block() for c in combos for m in METHODS}
+    # methods: "lightning" (the eager variant), "lightning:<variant>" for the others, then "plain"
+    methods = [method_name(v) for v in dict.fromkeys(args.variants)] + (["plain"] if args.plain else [])
+    blocks = {(c, m): Block() for c in combos for m in methods}
     dms: dict[tuple[str, int], JamendoDataModule] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="freqtag-bench-") as tmp:
@@ -333,42 +388,74 @@ def main(argv: list[str] | None = None) -> int:
             for i, combo in enumerate(combos):
                 model, features, length = combo
                 dm = dms[(features, length)]
-                order = METHODS if (r + i) % 2 == 0 else METHODS[::-1]
+                k = (r + i) % len(methods)
+                order = methods[k:] + methods[:k]  # rotated every round and configuration, to spread drift
                 a = probe_args if model == PROBE else args
                 for method in order:
                     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                    if method == "lightning":
-                        ends, sizes, setup = lightning_block(features, length, model, dm, a, out)
-                    else:
+                    if method == "plain":
+                        called = time.perf_counter()
                         ends, sizes, setup = plain_block(dm.spec.n_mels, length, model, dm, a, hp)
+                        first = ends[0] - called - setup
+                    else:
+                        variant = method.partition(":")[2] or "eager"
+                        ends, sizes, setup, first = lightning_block(features, length, model, dm, a, out, variant)
                     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
                     blocks[(combo, method)].add(ends, sizes, a.warmup, setup, faults)
+                    blocks[(combo, method)].first_step_s.append(first)
                     last = blocks[(combo, method)].step_s[-a.steps:]
-                    print(f"  round {r + 1} {model:8} {features}/{length:<4} {method:9} "
+                    print(f"  round {r + 1} {model:8} {features}/{length:<4} {method:24} "
                           f"{sum(sizes[a.warmup:]) / sum(last):7.2f} samples/s  "
                           f"(step {1000 * statistics.fmean(last):7.1f} ms, {blocks[(combo, method)].faults[-1]} page faults/step, "
-                          f"setup {setup:.2f} s)", flush=True)
+                          f"setup {setup:.2f} s, first step {first:.1f} s, load {os.getloadavg()[0]:.2f})", flush=True)
     elapsed = time.perf_counter() - started
 
     results = []
-    print(f"\n{'model':8} {'input':12} {'lightning/s':>11} {'plain/s':>9} {'ratio':>7} {'overhead ms/step':>20}")
+    if args.plain:
+        print(f"\n{'model':8} {'input':12} {'lightning/s':>11} {'plain/s':>9} {'ratio':>7} {'overhead ms/step':>20}")
     for combo in combos:
         model, features, length = combo
-        lt, pt = blocks[(combo, "lightning")], blocks[(combo, "plain")]
-        cmp = compare(lt, pt)
-        results.append({"model": model, "features": features, "n_mels": dms[(features, length)].spec.n_mels,
-                        "input_length": length, "lightning": lt.summary(), "plain": pt.summary(), **cmp})
-        print(f"{model:8} {features + '/' + str(length):12} {lt.summary()['samples_per_s']:11.2f} "
-              f"{pt.summary()['samples_per_s']:9.2f} {cmp['ratio_lightning_over_plain']:7.3f} "
-              f"{cmp['overhead_ms_per_step']:+9.1f} ± {cmp['overhead_se_ms']:.1f} "
-              f"({cmp['overhead_pct']:+.1f}%{', measurable' if cmp['measurable'] else ''})")
-    print("ratio = Lightning+Hydra samples/s over plain samples/s (1 = no cost); ± is one standard error")
+        entry: dict[str, Any] = {"model": model, "features": features, "n_mels": dms[(features, length)].spec.n_mels,
+                                 "input_length": length}
+        if "lightning" in methods:
+            entry["lightning"] = blocks[(combo, "lightning")].summary()
+        if args.plain:
+            entry["plain"] = blocks[(combo, "plain")].summary()
+        if args.plain and "lightning" in methods:
+            lt, pt = blocks[(combo, "lightning")], blocks[(combo, "plain")]
+            cmp = compare(lt, pt)
+            entry.update(cmp)
+            print(f"{model:8} {features + '/' + str(length):12} {lt.summary()['samples_per_s']:11.2f} "
+                  f"{pt.summary()['samples_per_s']:9.2f} {cmp['ratio_lightning_over_plain']:7.3f} "
+                  f"{cmp['overhead_ms_per_step']:+9.1f} ± {cmp['overhead_se_ms']:.1f} "
+                  f"({cmp['overhead_pct']:+.1f}%{', measurable' if cmp['measurable'] else ''})")
+        entry["variants"] = {}
+        for method in (m for m in methods if m != "plain"):
+            variant = method.partition(":")[2] or "eager"
+            summary = blocks[(combo, method)].summary()
+            if "lightning" in methods and method != "lightning":
+                summary.update(speedup(blocks[(combo, method)], blocks[(combo, "lightning")]))
+            entry["variants"][variant] = summary
+        results.append(entry)
+    if args.plain and "lightning" in methods:
+        print("ratio = Lightning+Hydra samples/s over plain samples/s (1 = no cost); ± is one standard error")
+    if len(methods) - args.plain > 1:
+        print(f"\n{'model':8} {'input':12} {'variant':16} {'samples/s':>9} {'step ms':>8} {'first step s':>12} "
+              f"{'speed-up vs eager':>20} {'load (1 min)':>14}")
+        for entry in results:
+            for variant, v in entry["variants"].items():
+                up = (f"{v['speedup_vs_eager']:.3f} ± {v['speedup_se']:.3f}" if "speedup_vs_eager" in v else "")
+                print(f"{entry['model']:8} {entry['features'] + '/' + str(entry['input_length']):12} {variant:16} "
+                      f"{v['samples_per_s']:9.2f} {v['step_ms_mean']:8.1f} {max(v['first_step_s']):12.1f} {up:>20} "
+                      f"{', '.join(f'{x:.1f}' for x in v['load_avg_1min']):>14}")
     print(f"total {elapsed:.0f} s")
 
     result = {
         "bench": "train_step",
         "machine": {**info, "load_avg_end": [round(v, 2) for v in os.getloadavg()]},
         "settings": {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                     "variants": list(dict.fromkeys(args.variants)), "compile_mode": args.compile_mode,
+                     "plain": args.plain,
                      "tracks": args.tracks, "precision": "32-true", "loss": "weighted", "recipe": hp,
                      "in_memory": True, "num_workers": 0, "malloc": args.malloc, "freed_memory_kept": kept,
                      "seconds": round(elapsed, 1)},

@@ -166,6 +166,7 @@ class TaggingModule(pl.LightningModule):
         self._val_targets: list[torch.Tensor] = []
         self._generators: dict[torch.device, torch.Generator] = {}
         self._compiled: Callable[..., torch.Tensor] | None = None  # made at the first step (picklable until then)
+        self._cudagraphs = False  # the compile mode records CUDA graphs
         self._nonfinite = NonFiniteWatch()
         self._step = 0  # global_step of the last training_step
 
@@ -225,18 +226,32 @@ class TaggingModule(pl.LightningModule):
             if self.compile_backend == "inductor":
                 from torch._inductor import list_mode_options
 
-                kwargs["options"] = {**list_mode_options(mode, dynamic=False), "fallback_random": True}
+                options = list_mode_options(mode, dynamic=False)
+                self._cudagraphs = bool(options.get("triton.cudagraphs"))
+                kwargs["options"] = {**options, "fallback_random": True}
             self._compiled = torch.compile(self.mixed_loss, backend=self.compile_backend, dynamic=False, **kwargs)
         return self._compiled
+
+    def teardown(self, stage: str) -> None:
+        """Drop the compiled step: its graphs hang on mixed_loss's code object, one cache entry per module.
+
+        A grid worker trains one module after another in the same process;
+        past dynamo's limit of 8 entries a code object, the 9th would run eager.
+        """
+        if self._compiled is not None:
+            torch._dynamo.reset_code(TaggingModule.mixed_loss.__code__)
+            self._compiled = None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch["x"], batch["y"].float()
         lam, perm = self.mixup_draw(len(x), x.device)
         if self.hparams.compile:
-            if x.device.type == "cuda" and self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):
-                torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step may be reused
-            full = (lambda v: torch.full((), v, dtype=torch.float32, device=x.device))
-            loss = self.compiled_step()(x, y, perm, full(lam), full(1.0 - lam))
+            step = self.compiled_step()
+            if x.device.type == "cuda" and self._cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may be reused
+            # lam and 1 - lam as 0-d tensors filled on the device (a fill kernel each, no copy)
+            lam_t, rest_t = (torch.full((), v, dtype=torch.float32, device=x.device) for v in (lam, 1.0 - lam))
+            loss = step(x, y, perm, lam_t, rest_t)
         else:
             loss = self.mixed_loss(x, y, perm, lam, 1.0 - lam)
         self._nonfinite.update(loss, self.current_epoch, self.global_step)

@@ -381,34 +381,48 @@ class Losses(pl.Callback):
 
 def test_compiled_step_is_the_eager_step(tiny: Tiny, tmp_path: Path, aot_eager: None) -> None:
     """compile=true through Lightning (aot_eager): the same losses and weights, one graph for all the steps."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
 
     counters.clear()
     seen = {False: Losses(), True: Losses()}
     eager = fit(compose(tiny, tmp_path), 3, seen[False])
     compiled = fit(compose(tiny, tmp_path, "compile=true"), 3, seen[True])
-    assert compiled._compiled is not None and eager._compiled is None
     assert counters["stats"]["unique_graphs"] == 1  # lam and the permutation change every step: no recompile
+    # the run's end dropped the graphs: the next run in this process (a grid worker's next job) compiles afresh
+    assert compiled._compiled is None and not _debug_get_cache_entry_list(TaggingModule.mixed_loss.__code__)
     assert seen[True].seen == seen[False].seen and len(seen[True].seen) == 3
     assert_same(weights(eager), weights(compiled), rtol=0, atol=0)
 
 
 @pytest.mark.slow
 def test_inductor_compiled_step_matches_eager(tiny: Tiny, tmp_path: Path) -> None:
-    """The real compiler (inductor, C++ on the CPU), the demo network: 3 steps give eager's losses and weights."""
+    """The real compiler (inductor, C++ on the CPU), the demo network: 3 steps give eager's losses and weights.
+
+    Measured: losses equal to 2e-7 at steps 1-2 and 1.6e-5 (relative) at step 3: inductor's fused kernels round
+    differently, and lr 0.5 grows the difference (aot_eager, the same graph without inductor, is exact).
+    """
     torch._dynamo.reset()
     seen = {False: Losses(), True: Losses()}
     eager = fit(compose(tiny, tmp_path, "model=convs"), 3, seen[False], probe=False)
     compiled = fit(compose(tiny, tmp_path, "model=convs", "compile=true"), 3, seen[True], probe=False)
-    assert seen[True].seen == pytest.approx(seen[False].seen, rel=1e-5)
-    assert_same(weights(eager), weights(compiled), rtol=1e-4, atol=1e-5)
+    assert seen[True].seen[0] == pytest.approx(seen[False].seen[0], rel=1e-6)  # the same dropout masks and mixup
+    assert seen[True].seen == pytest.approx(seen[False].seen, rel=1e-4)
+    assert_same(weights(eager), weights(compiled), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.slow
 def test_compile_true_trains_the_tiny_demo_to_the_same_metrics(tiny: Tiny, tmp_path: Path) -> None:
+    """A whole tiny run (6 steps, SWA, BatchNorm pass, evaluation) with compile=true against eager.
+
+    Measured: whole-track probabilities 0.006 apart on average (0.028 at most), metrics within 0.012; the tiny
+    splits have 8 tracks, where one swapped pair of near-tied tracks moves a tag's PR-AUC by ~0.1.
+    """
     torch._dynamo.reset()
     eager = run(config(tiny, tmp_path / "eager"))
     compiled = run(config(tiny, tmp_path / "compiled", "compile=true"))
     for split in ("validation", "test"):
+        a, b = (np.load(tmp_path / r / "predictions" / f"{split}.npz")["probs"] for r in ("eager", "compiled"))
+        assert np.abs(a - b).mean() < 0.02, (split, np.abs(a - b).mean())
         for k, v in eager[split].items():
-            assert compiled[split][k] == pytest.approx(v, abs=1e-3), (split, k)
+            assert compiled[split][k] == pytest.approx(v, abs=0.03), (split, k)
