@@ -23,13 +23,20 @@
 
 3. ``--workers-only``: ``freqtag predict`` end to end (decoding, features,
    network, output) on ``--files`` generated 44.1 kHz stereo MP3 files of
-   ``--file-minutes`` each, in this process (``--workers 0``) against feature
-   worker processes (``--workers N`` for each N of ``--workers``), alternating
-   over ``--rounds`` after one warm-up run each (the fork server started, the
-   model loaded per call as the command does). Both outputs are checked equal.
+   ``--file-minutes`` each, in this process (``--workers 0``) against worker
+   processes (``--workers N`` for each N of ``--workers``: on a CPU each
+   worker runs the whole pipeline on one thread), alternating over
+   ``--rounds`` after one warm-up run each (the fork server started, the model
+   loaded per call as the command does); the 1-minute load average is taken
+   before each run, and the figures are medians. All outputs are checked
+   equal, bit for bit. ``--candidates`` adds the designs that lost, in the
+   same rounds: ``N features`` (workers decode and compute features, this
+   process runs the network on torch's threads: the design on a GPU) and
+   ``N features 1 thread`` (the same with one torch thread here). First, per
+   file, in this process: decoding, decoding + features, and the network with
+   1 and with 2 torch threads (alternating; medians), each with the load.
    Models: the paper's ``freq_dep`` mel128 x 224 and a ``convs`` mel96 x 128
-   (random weights): the share of the time spent on decoding and features,
-   which workers take off this process, differs between them.
+   (random weights): their shares of features and network differ.
 
 Both run with freed memory kept in the process, as ``freqtag predict`` does
 (``keep_freed_memory``; ``--malloc default`` leaves glibc's defaults, with
@@ -38,7 +45,7 @@ which a chunk page-faults the network's buffers back in).
     python bench/predict.py [--tracks 3] [--rounds 2] [--minutes 5 20 60] [--malloc keep|default]
                             [--out bench/results/predict.json]
     python bench/predict.py --workers-only [--files 8] [--file-minutes 2] [--workers 2] [--rounds 2]
-                            [--out bench/results/predict_workers.json]
+                            [--candidates] [--out bench/results/predict_workers.json]
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,25 +203,57 @@ def write_mp3(path: Path, minutes: float, seed: int, rate: int = 44100) -> Path:
         return flac
 
 
-def split_times(ckpt: Path, files: list[str]) -> dict[str, float]:
-    """Median seconds per file of the two halves of the work, in this process: features (decoding included)
-    and the network (the torch threads of this process). Workers take the first off the main process."""
+def split_times(ckpt: Path, files: list[str], rounds: int) -> dict[str, Any]:
+    """Seconds per file (medians over the first 3 files and ``rounds``) of decoding, decoding + features, and the
+    network with 1 and with 2 torch threads (alternating), in this process, each with the 1-minute load."""
+    from freqtag.audiostream import decoded_blocks
     from freqtag.prepare import Job
     from freqtag.tagger import load_model
     from freqtag.tagrun import decode_features
 
     model = load_model(ckpt)
-    feats, nets = [], []
-    for f in files[:3]:
-        t0 = time.perf_counter()
-        d = decode_features(Job("0", f), (model.spec,))
-        t1 = time.perf_counter()
-        s = model.stream()
-        s.push(d.frames[0])
-        s.finish()
-        nets.append(time.perf_counter() - t1)
-        feats.append(t1 - t0)
-    return {"features": float(np.median(feats)), "network": float(np.median(nets))}
+    threads = torch.get_num_threads()
+    times: dict[str, list[float]] = {"decode": [], "features": [], "network_1_thread": [], "network_2_threads": []}
+    loads: list[float] = []
+    outs: dict[int, np.ndarray] = {}
+    for r in range(rounds + 1):  # round 0 warms up
+        for f in files[:3]:
+            loads.append(os.getloadavg()[0])
+            t0 = time.perf_counter()
+            for _ in decoded_blocks(Path(f)):
+                pass
+            t1 = time.perf_counter()
+            d = decode_features(Job("0", f), (model.spec,))
+            t2 = time.perf_counter()
+            if r:
+                times["decode"].append(t1 - t0)
+                times["features"].append(t2 - t1)
+            for n, key in ((1, "network_1_thread"), (2, "network_2_threads")):
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                s = model.stream()
+                s.push(d.frames[0])
+                outs[n] = s.finish()
+                if r:
+                    times[key].append(time.perf_counter() - t0)
+            torch.set_num_threads(threads)
+            assert np.array_equal(outs[1], outs[2]), "the network's result depends on the thread count"
+    out: dict[str, Any] = {k: float(np.median(v)) for k, v in times.items()}
+    out["seconds"] = {k: [round(x, 3) for x in v] for k, v in times.items()}
+    out["load_1min"] = [round(x, 2) for x in loads]
+    out["frames"] = int(d.frames[0].shape[0])
+    return out
+
+
+def designs(args: argparse.Namespace) -> dict[str, tuple[int, bool | None, int | None]]:
+    """label -> (--workers, network in the workers (None: predict's choice), torch threads in this process)."""
+    out: dict[str, tuple[int, bool | None, int | None]] = {"0": (0, None, None)}
+    for n in args.workers:
+        out[str(n)] = (n, None, None)
+        if args.candidates:
+            out[f"{n} features"] = (n, False, None)
+            out[f"{n} features 1 thread"] = (n, False, 1)
+    return out
 
 
 def workers_bench(args: argparse.Namespace, scratch: Path) -> dict:
@@ -224,43 +264,58 @@ def workers_bench(args: argparse.Namespace, scratch: Path) -> dict:
     models = {"freq_dep mel128 x 224": make_checkpoint(scratch / "fd128.ckpt", "freq_dep", 128, 224),
               "convs mel96 x 128": make_checkpoint(scratch / "cv96.ckpt", "convs", 96, 128)}
     parser = build_parser()
+    runs = designs(args)
     result: dict = {"files": len(files), "minutes_per_file": args.file_minutes, "cores": len(os.sched_getaffinity(0)),
-                    "torch_threads": torch.get_num_threads(), "models": {}}
+                    "torch_threads": torch.get_num_threads(), "rounds": args.rounds,
+                    "designs": {k: {"workers": w, "network_in_workers": nw, "main_threads": t}
+                                for k, (w, nw, t) in runs.items()}, "models": {}}
+    threads = torch.get_num_threads()
     for name, ckpt in models.items():
-        def run(workers: int) -> tuple[float, str]:
-            out = scratch / f"out-{workers}.json"
+        def run(label: str) -> tuple[float, str]:
+            workers, network_workers, main_threads = runs[label]
+            out = scratch / "out.json"
             a = parser.parse_args(["predict", "--ckpt", str(ckpt), *files, "--threshold", "0.5", "--format", "json",
                                    "--no-progress", "--workers", str(workers), "--out", str(out)])
-            t0 = time.perf_counter()
-            code = a.run(a)
-            seconds = time.perf_counter() - t0
+            a.network_workers = network_workers
+            torch.set_num_threads(main_threads or threads)
+            try:
+                t0 = time.perf_counter()
+                code = a.run(a)
+                seconds = time.perf_counter() - t0
+            finally:
+                torch.set_num_threads(threads)
             assert code == 0, code
             return seconds, out.read_text()
 
-        parts = split_times(ckpt, files)
-        counts = [0, *args.workers]
-        texts = {w: run(w)[1] for w in counts}  # warm-up (the fork server, the first imports), and the check
-        assert all(t == texts[0] for t in texts.values()), "outputs differ between worker counts"
-        times: dict[int, list[float]] = {w: [] for w in counts}
-        loads = []
+        parts = split_times(ckpt, files, args.rounds)
+        texts = {k: run(k)[1] for k in runs}  # warm-up (the fork server, the first imports), and the check
+        assert all(t == texts["0"] for t in texts.values()), "outputs differ between designs"
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        loads: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.rounds):
-            for w in counts:
-                loads.append(os.getloadavg()[0])
-                times[w].append(run(w)[0])
-        rate = {w: len(files) / float(np.median(v)) for w, v in times.items()}
+            for k in runs:
+                loads[k].append(round(os.getloadavg()[0], 2))
+                times[k].append(run(k)[0])
+        rate = {k: len(files) / float(np.median(v)) for k, v in times.items()}
+        net1 = parts["decode"] + parts["features"] + parts["network_1_thread"]
         result["models"][name] = {
-            "tracks_per_s": {str(w): r for w, r in rate.items()},
-            "speedup": {str(w): rate[w] / rate[0] for w in args.workers},
-            "seconds": {str(w): v for w, v in times.items()},
-            "load_1min": [round(x, 2) for x in loads],
+            "tracks_per_s": rate,
+            "speedup": {k: rate[k] / rate["0"] for k in runs if k != "0"},
+            "seconds": times,
+            "load_1min": loads,
+            "load_1min_median": float(np.median(sum(loads.values(), []))),
             "seconds_per_file": parts,
-            # what more cores give: workers compute features in parallel, the network stays one process
-            "estimated_tracks_per_s_with_enough_workers": 1.0 / parts["network"],
+            "intra_op_speedup_2_threads": parts["network_1_thread"] / parts["network_2_threads"],
+            # estimates, not measurements: N one-thread pipelines on N free cores, from this process's split
+            "estimated_tracks_per_s_per_core": 1.0 / net1,
         }
-        print(f"  {name}: features {parts['features']:.2f} s, network {parts['network']:.2f} s per file (in this "
-              f"process); " + ", ".join(f"--workers {w}: {rate[w]:.3f} tracks/s" for w in counts)
-              + " (speed-up " + ", ".join(f"{rate[w] / rate[0]:.2f}x" for w in args.workers)
-              + f"; 1-min load {min(loads):.1f}-{max(loads):.1f})", flush=True)
+        print(f"  {name}: per file: decode {parts['decode']:.2f} s, features {parts['features']:.2f} s, network "
+              f"{parts['network_1_thread']:.2f} s on 1 thread / {parts['network_2_threads']:.2f} s on 2 "
+              f"(1-min load {min(parts['load_1min']):.1f}-{max(parts['load_1min']):.1f})", flush=True)
+        print("    " + ", ".join(f"--workers {k}: {rate[k]:.3f} tracks/s" for k in runs)
+              + " (speed-up " + ", ".join(f"{k}: {rate[k] / rate['0']:.2f}x" for k in runs if k != "0")
+              + f"; 1-min load median {result['models'][name]['load_1min_median']:.1f}, "
+              f"{min(sum(loads.values(), [])):.1f}-{max(sum(loads.values(), [])):.1f})", flush=True)
     for f in files:
         Path(f).unlink()
     return result
@@ -279,6 +334,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[2], help="worker counts to compare with 0")
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--file-minutes", type=float, default=2.0)
+    p.add_argument("--candidates", action="store_true",
+                   help="also the designs that lost: feature workers with the network here (N features), and that "
+                   "with one torch thread here (N features 1 thread)")
     args = p.parse_args()
     if args.child:
         child(*args.child)
@@ -291,8 +349,8 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     if args.workers_only:
         out = args.out if args.out != p.get_default("out") else args.out.with_name("predict_workers.json")
-        print(f"predict end to end: {args.files} MP3 files of {args.file_minutes:g} min, --workers 0 against "
-              f"{args.workers}, {args.rounds} rounds; 1-min load now {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"predict end to end: {args.files} MP3 files of {args.file_minutes:g} min, "
+              f"{', '.join(designs(args))}, {args.rounds} rounds; 1-min load now {os.getloadavg()[0]:.1f}", flush=True)
         result = {"machine": machine(), "workers": workers_bench(args, scratch)}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")

@@ -1,28 +1,49 @@
 """Models over many files, as ``predict`` and ``embed`` share it: options, loading, workers, progress, errors.
 
-Two ways to get a file's features to the network, with the same result:
+Three ways to get a file through the network, with the same result bit for bit:
 
 - ``--workers 0`` (or a single file): this process decodes the file in blocks
   and streams each recipe's frames into the models' :class:`WindowStream`
-  (memory bounded for any length, :func:`tag_file`);
-- ``--workers N``: N processes decode and compute the features of the next
-  files (``freqtag prepare``'s crash-isolating pool,
-  :func:`freqtag.prepare.run_jobs`: a decoder that kills its process is
-  reported for that file and the others go on) while this process runs the
-  network on the CPU or GPU, in input order. A worker hands over the whole
-  float32 (frames, bands) array of each recipe: 26 MB for 10 minutes of
-  mel128; at most two files per worker are in flight.
+  (memory bounded for any length, :func:`tag_file`), the network on torch's
+  threads;
+- ``--workers N`` with the network on a CPU: N processes each run that whole
+  pipeline, network included, on one torch thread for the next file
+  (:func:`tag_job`), and hand back only its window outputs; this process
+  collects them in input order. Each worker holds a copy of the models and
+  streams its file as ``--workers 0`` does: memory is bounded per worker (one
+  chunk's activations, ``--batch-size``), N times that in all;
+- ``--workers N`` with the network on a GPU: N processes decode and compute
+  the features of the next files while this process runs the network, in
+  input order. A worker hands over the whole float32 (frames, bands) array of
+  each recipe: 26 MB for 10 minutes of mel128; at most two files per worker
+  are in flight.
 
-The features are computed by the same code, single-threaded, in both cases, and
-the network sees the same chunks of frames: the outputs are identical.
+Workers are ``freqtag prepare``'s crash-isolating pool
+(:func:`freqtag.prepare.run_jobs`): a decoder that kills its process is
+reported for that file and the others go on.
+
+Why the network goes to the workers on a CPU: it is 2/3 to 3/4 of a file's
+work there, and torch's threads scale poorly on shared cores (one forward pass
+of freq_dep mel128 over a two-minute file on this 2-core machine, under the
+other jobs' load: 1 thread 2.0 s, 2 threads 3.3 s), so N one-thread pipelines
+beat one N-thread network fed by feature workers (``bench/predict.py
+--workers-only``, figures in bench/results/predict_workers.json). Where the
+network is on a GPU, features are the work, and the GPU wants one process.
+
+The outputs are identical: the features come from the same single-threaded
+code, the network sees the same chunks of frames, and its arithmetic does not
+depend on the thread count (:class:`freqtag.tagger.OneDNNConvolutions`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
+import pickle
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -34,7 +55,7 @@ from .faults import fault_point
 from .predict_formats import FileResult
 
 __all__ = ["add_run_arguments", "default_workers", "tag_file", "tag_files", "load_for_run", "run_files",
-           "decode_features", "DecodedFile"]
+           "decode_features", "DecodedFile", "tag_job", "network_in_workers"]
 
 OOM_FIX = "lower --batch-size (windows per forward pass), or use --device cpu"
 
@@ -59,9 +80,9 @@ def add_run_arguments(p: argparse.ArgumentParser, ensemble: bool) -> None:
                    help="windows per forward pass (default: 16384 frames' worth, e.g. 73 windows of 224); "
                    "bounds memory, never changes the result")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes decoding and computing features while this one runs the network (default: the "
-                   "cores available; 0: all in this process, memory bounded for any file length); never changes "
-                   "the result")
+                   help="worker processes (default: the cores available): on a CPU each tags whole files on one "
+                   "thread; with a GPU they decode and compute features while this one runs the network; 0: all in "
+                   "this process; never changes the result")
     p.add_argument("--low-memory", action="store_true",
                    help="give freed memory back to the system between chunks (glibc's default): a lower peak "
                    "(+590-860 MiB instead of +880-1,640 MiB measured for mel128), 2.1x slower on a CPU")
@@ -133,9 +154,63 @@ def decode_features(job: Any, specs: tuple[Any, ...]) -> DecodedFile:
     return DecodedFile(info.duration_s, info.passes, frames)
 
 
+#: The models of a network worker process (set once per worker by :func:`_start_network_worker`).
+_WORKER_MODELS: list[Any] = []
+#: What the network workers' fork server imports once (the same list for both kinds of workers: it is fixed
+#: when the server starts).
+_PRELOAD = ("freqtag.audio", "freqtag.audiostream", "freqtag.tagrun", "freqtag.tagger", "freqtag.model")
+
+
+def _start_network_worker(models: str, low_memory: bool) -> None:
+    """A network worker's set-up: the models (pickled by this process into the file ``models``), one torch
+    thread, the allocator.
+
+    Through a file rather than the pool's pipe: with the 71 MB of freq_dep mel128 in the pipe (64 kB at a
+    time), starting two workers took 1.5 s on the loaded 2-core machine (1-min load 5.4), from a file 0.7 s
+    (load 6.0; 0.1 s without models).
+    """
+    import torch
+
+    from .allocator import keep_freed_memory
+    from .audio import quiet_decoder_messages
+
+    quiet_decoder_messages()
+    if not low_memory:  # as in the main process (load_for_run): chunk after chunk reuses the same memory
+        keep_freed_memory()
+    torch.set_num_threads(1)
+    _WORKER_MODELS[:] = pickle.loads(Path(models).read_bytes())  # noqa: S301 - written by the parent process
+
+
+def tag_job(job: Any, chunk_windows: int | None, layer: str | None) -> FileResult:
+    """A network worker's job: :func:`tag_file` on the job's file with the worker's models."""
+    from .memory import OutOfMemory, out_of_memory
+    from .prepare import SkipTrack
+
+    fault_point(f"tagrun.decode:{Path(job.source).name}")  # tests make the worker die here, as a decoder crash would
+    try:
+        with out_of_memory("tagging on cpu", OOM_FIX):
+            return tag_file(Path(job.source), _WORKER_MODELS, chunk_windows, layer)
+    except AudioError as e:
+        raise SkipTrack(e.reason) from None
+    except OutOfMemory as e:
+        raise SkipTrack(str(e)) from None
+
+
+def network_in_workers(models: Sequence[Any]) -> bool:
+    """Whether workers run the network too: on a CPU, where its result does not depend on the thread count."""
+    from .tagger import thread_invariant
+
+    return all(thread_invariant(m.device) for m in models)
+
+
 def tag_files(files: Sequence[Path], models: Sequence[Any], chunk_windows: int | None = None,
-              layer: str | None = None, workers: int = 0) -> Iterator[tuple[Path, FileResult | str]]:
-    """Each file (in input order) with its result, or the reason it failed; the others go on."""
+              layer: str | None = None, workers: int = 0, low_memory: bool = False,
+              network_workers: bool | None = None) -> Iterator[tuple[Path, FileResult | str]]:
+    """Each file (in input order) with its result, or the reason it failed; the others go on.
+
+    ``network_workers`` None: the network runs in the workers where
+    :func:`network_in_workers` says so (True/False force it: benchmarks).
+    """
     from .memory import OutOfMemory, out_of_memory, release_device_memory
 
     device = models[0].device
@@ -158,6 +233,23 @@ def tag_files(files: Sequence[Path], models: Sequence[Any], chunk_windows: int |
     from . import audio
     from .prepare import Job, run_jobs
 
+    jobs = [Job(str(i), str(f)) for i, f in enumerate(files)]
+    n = min(workers, len(files))
+    if network_in_workers(models) if network_workers is None else network_workers:
+        with tempfile.TemporaryDirectory(prefix="freqtag-models-") as tmp:
+            shipped = Path(tmp) / "models.pickle"
+            shipped.write_bytes(pickle.dumps(list(models)))
+            start = functools.partial(_start_network_worker, str(shipped), low_memory)
+            done = run_jobs(functools.partial(tag_job, chunk_windows=chunk_windows, layer=layer), jobs, n_mels=0,
+                            workers=n, chunk_size=1, initializer=start, preload=_PRELOAD, raw=True)
+            for r in done:
+                f = files[int(r.track_id)]
+                if r.features is None:
+                    yield f, r.reason or "unknown failure"
+                else:
+                    yield f, dataclasses.replace(r.features, path=f)  # type: ignore[type-var]
+        return
+
     specs = tuple(_distinct_specs(models))
 
     def network(path: Path, d: DecodedFile) -> FileResult:
@@ -166,10 +258,8 @@ def tag_files(files: Sequence[Path], models: Sequence[Any], chunk_windows: int |
             s.push(d.frames[specs.index(m.spec)])
         return _result(path, d.duration_s, d.passes, streams)
 
-    jobs = [Job(str(i), str(f)) for i, f in enumerate(files)]
-    results = run_jobs(functools.partial(decode_features, specs=specs), jobs, n_mels=0,
-                       workers=min(workers, len(files)), chunk_size=1, initializer=audio.quiet_decoder_messages,
-                       preload=("freqtag.audio", "freqtag.audiostream", "freqtag.tagrun"), raw=True)
+    results = run_jobs(functools.partial(decode_features, specs=specs), jobs, n_mels=0, workers=n, chunk_size=1,
+                       initializer=audio.quiet_decoder_messages, preload=_PRELOAD, raw=True)
     for r in results:
         f = files[int(r.track_id)]
         if r.features is None:
@@ -235,7 +325,8 @@ def run_files(args: argparse.Namespace, models: Sequence[Any], files: Sequence[P
     with Progress(TextColumn(verb), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.description}"), console=err, disable=not show, transient=True) as progress:
         task = progress.add_task("", total=len(files))
-        for f, r in tag_files(files, models, args.batch_size, layer, args.workers):
+        for f, r in tag_files(files, models, args.batch_size, layer, args.workers, args.low_memory,
+                              getattr(args, "network_workers", None)):
             progress.update(task, description=f.name)
             if isinstance(r, str):
                 failed.append((str(f), r))

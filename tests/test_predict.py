@@ -315,3 +315,78 @@ def test_synthetic_model_warns_once(runs, audio, capsys):
     line = f"freqtag predict: warning: {runs['mel96']} was trained on freqtag's synthetic demo data: " \
            f"its tags say nothing about real music"
     assert code == 0 and err.splitlines().count(line) == 1
+
+
+@pytest.mark.parametrize("features", ["mel96", "mel128"])
+def test_the_network_gives_the_same_bits_on_any_number_of_threads(runs, features):
+    """What lets one-thread workers and this process's thread pool agree: no sum depends on the thread count."""
+    model = load_model(runs[features])
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    try:
+        for frames in (7, 3 * model.input_length + 5, 679):
+            x = torch.randn(1, model.spec.n_mels, frames, generator=g)
+            outs = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                outs.append([model.window_probabilities(x), model.window_activations(x, "collapse")])
+            for other in outs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(outs[0], other)), frames
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_onednn_convolutions_equal_torchs_own():
+    """Routed to oneDNN: positional and keyword arguments, strides, padding, dilation, groups; 'same' left to torch."""
+    from freqtag.tagger import OneDNNConvolutions
+
+    g = torch.Generator().manual_seed(1)
+    x2, w2, b2 = torch.randn(2, 8, 9, 31, generator=g), torch.randn(12, 4, 3, 3, generator=g), torch.randn(12, generator=g)
+    x1, w1 = torch.randn(1, 6, 40, generator=g), torch.randn(5, 6, 1, generator=g)
+    calls = [
+        (torch.conv2d, (x2, w2, b2), {"stride": (2, 1), "padding": (0, 1), "dilation": 1, "groups": 2}),
+        (torch.nn.functional.conv2d, (x2, w2, None, 1, 2, 2, 2), {}),
+        (torch.conv1d, (x1, w1), {}),
+        (torch.nn.functional.conv1d, (x1, w1, None), {"padding": "valid"}),
+        (torch.nn.functional.conv1d, (x1, w1, None), {"padding": "same"}),
+    ]
+    routed = []
+    real = torch.mkldnn_convolution
+    with torch.inference_mode():
+        want = [f(*a, **k) for f, a, k in calls]
+        with OneDNNConvolutions():
+            torch.mkldnn_convolution = lambda *a: (routed.append(1), real(*a))[1]  # type: ignore[assignment]
+            try:
+                got = [f(*a, **k) for f, a, k in calls]
+            finally:
+                torch.mkldnn_convolution = real
+    assert len(routed) == 4  # all but padding="same"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_workers_run_the_network_and_both_designs_agree_bit_for_bit(runs, audio, monkeypatch):
+    """On a CPU the workers run the whole pipeline (the network never runs here); feature workers, the GPU design,
+    give the same bits; failures and input order too."""
+    from freqtag.tagger import TaggerModel
+    from freqtag.tagrun import network_in_workers, tag_files
+
+    models = [load_model(runs["mel96"]), load_model(runs["mel128"])]
+    assert network_in_workers(models)
+    here = []
+    real = TaggerModel.window_activations
+    monkeypatch.setattr(TaggerModel, "window_activations", lambda self, x, layer: (here.append(1), real(self, x, layer))[1])
+    files = [audio["flac"], audio["bad"], audio["wav"], audio["short"]]
+    results = {}
+    for label, workers, network_workers in (("in workers", 2, None), ("features", 1, False), ("here", 0, None)):
+        here.clear()
+        results[label] = list(tag_files(files, models, layer="fc", workers=workers, network_workers=network_workers))
+        assert (len(here) == 0) == (label == "in workers"), label
+    for label, got in results.items():
+        assert [f for f, _ in got] == files, label
+        assert "corrupt or not audio" in got[1][1], label
+        for (_, a), (_, b) in zip(got, results["here"]):
+            if not isinstance(b, str):
+                assert a.path == b.path and a.duration_s == b.duration_s and a.passes == b.passes, label
+                assert all(np.array_equal(x, y) for x, y in zip(a.windows, b.windows)), label
+                assert np.array_equal(a.probs, b.probs), label
