@@ -33,7 +33,7 @@ called measurable when it exceeds twice that.
     python bench/train_step.py [--steps 6] [--warmup 1] [--rounds 2] [--models freq_dep [convs] [probe]]
                                [--shapes mel128:224 mel96:128] [--malloc keep|default]
                                [--variants eager [fused] [compiled] [compiled+fused]] [--compile-mode default]
-                               [--no-plain] [--out bench/results/train_step.json]
+                               [--no-plain] [--optimizer] [--ops] [--out bench/results/train_step.json]
 
 ``--variants`` (issue #14): the Lightning step as configured by the run's
 settings: ``eager`` (the defaults), ``fused`` (``optim.fused=true``: fused
@@ -44,6 +44,10 @@ a compiled block's first step holds the compilation (``first_step_s``), the
 warm-up keeps it out of the timed steps. ``--no-plain`` leaves the plain loop
 out. Each block records the 1-minute load average at its end
 (``load_avg_1min``): on a shared machine the figures are only as steady as it.
+``--optimizer`` times clipping + the SGD step alone over each model's
+parameters (per-tensor loop, foreach, fused); ``--ops`` counts the ATen
+operations of one eager step by phase (each at least one kernel launch on a
+GPU; FreqDepConv in its GPU form), the basis of the README's GPU estimates.
 
 Memory: ``train.py`` keeps freed memory in the process (``keep_freed_memory``,
 ``freqtag/allocator.py``); the bench does the same for both methods (one
@@ -64,6 +68,7 @@ Data: the synthetic demo datasets ``<data dir>/synthetic/<features>-n<tracks>-s0
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -84,6 +89,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from freqtag.allocator import keep_freed_memory
 from freqtag.data import JamendoDataModule
@@ -295,6 +301,81 @@ def compare(lt: Block, pt: Block) -> dict[str, Any]:
     }
 
 
+class _OpCounter(TorchDispatchMode):
+    """ATen operations that compute (views left out), by the phase set in ``phase``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = ""
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not func.is_view:
+            self.counts[self.phase] = self.counts.get(self.phase, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(model: str, n_mels: int, length: int, n_tags: int) -> dict[str, Any]:
+    """ATen operations of one eager training step, each at least one kernel launch on a GPU, by phase.
+
+    The step as a GPU runs it: FreqDepConv in its GPU form (``bmm``), foreach clipping, and the SGD update
+    foreach (torch's default on a GPU) or fused (``optim.fused``, freqtag's default there). Counted on the
+    CPU (the operations do not depend on the device; a foreach or fused operation is one launch per chunk
+    of tensors on a GPU). The batch size does not change the counts.
+    """
+    from freqtag.model import FreqDepConv
+
+    out: dict[str, Any] = {}
+    for kind in ("foreach", "fused"):
+        torch.manual_seed(INIT_SEED)
+        net = probe_net(n_mels, n_tags) if model == PROBE else FreqTagNet(n_mels, length, n_tags=n_tags, filters=model)
+        for m in net.modules():
+            if isinstance(m, FreqDepConv):
+                m.impl = "bmm"
+        module = TaggingModule(net, WeightedBCELoss(np.full(n_tags, 0.1)), fused=kind == "fused")
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-5,
+                              **({"fused": True} if kind == "fused" else {"foreach": True}))
+        x, y = torch.randn(4, n_mels, length), (torch.rand(4, n_tags) < 0.2).float()
+        counter = _OpCounter()
+        for step in range(2):  # the first step makes the momentum buffers
+            with counter if step else contextlib.nullcontext():
+                counter.phase = "mixup+forward+loss"
+                lam, perm = module.mixup_draw(len(x), x.device)
+                loss = module.mixed_loss(x, y, perm, lam, 1.0 - lam)
+                counter.phase = "backward"
+                loss.backward()
+                counter.phase = "clip"
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 0.25, foreach=True)
+                counter.phase = f"sgd_{kind}"
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        out[kind] = {**counter.counts, "total": sum(counter.counts.values())}
+    return out
+
+
+def optimizer_ms(model: str, n_mels: int, length: int, n_tags: int, reps: int = 10) -> dict[str, Any]:
+    """ms per clipping (0.25) + Nesterov SGD step over the network's parameters, by kernel: the CPU's
+    per-tensor loop, foreach, fused (random gradients; 3 untimed steps first make the momentum buffers)."""
+    torch.manual_seed(INIT_SEED)
+    net = probe_net(n_mels, n_tags) if model == PROBE else FreqTagNet(n_mels, length, n_tags=n_tags, filters=model)
+    start = [p.detach().clone() for p in net.parameters()]
+    grads = [torch.randn_like(p) * 0.1 for p in start]
+    out: dict[str, Any] = {"parameters": sum(p.numel() for p in start)}
+    for kind, kw in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt = torch.optim.SGD(params, lr=0.5, momentum=0.9, nesterov=True, weight_decay=2e-5, **kw)
+        for i in range(3 + reps):
+            if i == 3:
+                t0 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(params, 0.25, foreach=kind != "loop")
+            opt.step()
+        out[kind] = round(1000 * (time.perf_counter() - t0) / reps, 1)
+    out["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return out
+
+
 def speedup(vt: Block, et: Block) -> dict[str, Any]:
     """A variant's samples/s over eager's, with a standard error from the step times (taken as independent)."""
     vm, em = statistics.fmean(vt.step_s), statistics.fmean(et.step_s)
@@ -347,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", default="default", help="compile_mode of the compiled variants")
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
                         help="time the plain PyTorch loop too (default; --no-plain: the Lightning variants only)")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="also time clipping + SGD over each model's parameters: per-tensor loop, foreach, fused")
+    parser.add_argument("--ops", action="store_true",
+                        help="also count the ATen operations (GPU kernel launches) of one eager step per model/shape")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_step.json")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
@@ -448,6 +533,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{entry['model']:8} {entry['features'] + '/' + str(entry['input_length']):12} {variant:16} "
                       f"{v['samples_per_s']:9.2f} {v['step_ms_mean']:8.1f} {max(v['first_step_s']):12.1f} {up:>20} "
                       f"{', '.join(f'{x:.1f}' for x in v['load_avg_1min']):>14}")
+    if args.optimizer:
+        print("\nclipping + SGD step, ms (random gradients over the network's parameters)")
+        for entry in results:
+            n_tags = len(dms[(entry["features"], entry["input_length"])].tags)
+            o = entry["optimizer_ms"] = optimizer_ms(entry["model"], entry["n_mels"], entry["input_length"], n_tags)
+            print(f"{entry['model']:8} {entry['features'] + '/' + str(entry['input_length']):12} "
+                  f"{o['parameters'] / 1e6:5.1f} M parameters: loop {o['loop']}, foreach {o['foreach']}, "
+                  f"fused {o['fused']} (load {o['load_avg_1min']})")
+    if args.ops:
+        print(f"\nATen operations of one eager step (~ kernel launches on a GPU; FreqDepConv as bmm, foreach clipping)")
+        for entry in results:
+            n_tags = len(dms[(entry["features"], entry["input_length"])].tags)
+            entry["ops_per_step"] = ops_per_step(entry["model"], entry["n_mels"], entry["input_length"], n_tags)
+            for kind, c in entry["ops_per_step"].items():
+                print(f"{entry['model']:8} {entry['features'] + '/' + str(entry['input_length']):12} SGD {kind:8} "
+                      + ", ".join(f"{k} {v}" for k, v in c.items()))
     print(f"total {elapsed:.0f} s")
 
     result = {
