@@ -289,8 +289,13 @@ def check_async_checkpoint(value: Any) -> bool:
 
 class TrackBatchSampler(Sampler[list[int]]):
     """This rank's tracks (items rank, rank+W, ..., as :class:`~freqtag.data.TrackSampler`) in batches of
-    similar length: longest first, a batch closed when one more track would take it past ``batch_frames``
-    frames padded to its longest (a longer track goes alone). Deterministic; every item exactly once."""
+    similar length, longest first. A batch is closed when one more track would take it past ``batch_frames``
+    frames padded to its longest (a longer track goes alone), or when the next track is shorter than
+    ``MIN_FILL`` of its longest, so padding is at most a quarter of any pass (on a real split sorted
+    neighbours differ by a few frames; a small split of scattered lengths gets more passes instead).
+    Deterministic; every item exactly once."""
+
+    MIN_FILL = 0.75
 
     def __init__(self, lengths: np.ndarray, input_length: int, batch_frames: int, rank: int = 0,
                  world_size: int = 1) -> None:  # fmt: skip
@@ -300,7 +305,8 @@ class TrackBatchSampler(Sampler[list[int]]):
         self.batches: list[list[int]] = []
         for i in items:
             batch = self.batches[-1] if self.batches else None
-            if batch and (len(batch) + 1) * size[batch[0]] <= batch_frames:
+            longest = size[batch[0]] if batch else 0
+            if batch and (len(batch) + 1) * longest <= batch_frames and size[i] >= self.MIN_FILL * longest:
                 batch.append(i)
             else:
                 self.batches.append([i])

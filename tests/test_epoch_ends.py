@@ -92,9 +92,11 @@ def test_batches_follow_length_and_budget_and_cover_each_rank_once():
             sizes = [max(int(lengths[i]), 64) for i in items]
             assert sizes == sorted(sizes, reverse=True)  # similar lengths together, longest first
             for b in s:
-                padded = max(max(int(lengths[i]), 64) for i in b) * len(b)
-                assert padded <= 1000 or len(b) == 1  # a track longer than the budget goes alone
-    assert len(TrackBatchSampler(lengths, 64, 10**9)) == 1 and len(TrackBatchSampler(lengths, 64, 1)) == 37
+                longest = max(max(int(lengths[i]), 64) for i in b)
+                assert longest * len(b) <= 1000 or len(b) == 1  # a track longer than the budget goes alone
+                assert min(max(int(lengths[i]), 64) for i in b) >= 0.75 * longest  # padding under a quarter
+    assert len(TrackBatchSampler(np.full(37, 100), 64, 10**9)) == 1 and len(TrackBatchSampler(lengths, 64, 1)) == 37
+    assert len(TrackBatchSampler(lengths, 64, 10**9)) < 10  # scattered lengths: a few passes, not 37
 
 
 def test_padding_never_reaches_a_tracks_windows():
