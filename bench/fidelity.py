@@ -191,7 +191,7 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     from freqtag.losses import mixup_loss
     from freqtag.module import seed_dropout
     from freqtag.swa import SWA, recompute_batchnorm
-    from freqtag.training import build_loss, build_net, check_scorable
+    from freqtag.training import build_loss, build_net, check_scorable, set_n_tags
 
     cpu = torch.device("cpu")
     cfg = compose_cfg(seed, tracks, epochs, Path("/nonexistent"))
@@ -200,6 +200,7 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     dm = instantiate(cfg.data, features=FeatureSpec.from_dict(dict(cfg.features)), _recursive_=False)
     dm.check()
     check_scorable(dm)
+    set_n_tags(cfg, dm)  # model.n_tags: null takes the tag list's length, as freqtag.training.run does
     net = build_net(cfg.model)  # same draws as freqtag: the same initial weights
     loss_fn = build_loss(cfg.loss, dm)
     hp = cfg.optim
