@@ -456,27 +456,26 @@ def batch_track_probabilities(net: nn.Module, x: torch.Tensor, frames: Sequence[
     valid = [max(int(t), L) for t in frames]  # the network pads a track shorter than a window to one window
     if len(valid) != x.shape[0]:
         raise ValueError(f"{x.shape[0]} tracks in the batch but {len(valid)} lengths")
-    ends = [list(map(int, frames))]  # row 0: the input's frames; row k: masked layer k's output length
+    ends = []  # per masked layer: each track's output length when it is scored alone
     lengths = valid
     for _module, (k, s, p) in layers:
-        lengths = [(v + 2 * p - k) // s + 1 for v in lengths]  # the layer's output length for the track alone
+        lengths = [(v + 2 * p - k) // s + 1 for v in lengths]
         ends.append(lengths)
-    # one small copy per batch (pinned, asynchronous on a GPU): the masks are then made on the device, no host sync
-    table = torch.tensor(ends, dtype=torch.int64)
-    table = (table.pin_memory() if x.device.type == "cuda" else table).to(x.device, non_blocking=True)
 
-    def zero_past(row: int) -> Any:
+    def zero_past(row: list[int]) -> Any:
         def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> None:
-            if min(ends[row]) < out.shape[-1]:
-                past = torch.arange(out.shape[-1], device=out.device) >= table[row].view(-1, *[1] * (out.dim() - 1))
-                out.masked_fill_(past, 0.0)
+            for b, end in enumerate(row):  # only the padding is written: its cost follows the padding's size
+                if end < out.shape[-1]:
+                    out[b, ..., end:] = 0.0
 
         return hook
 
-    hooks = [module.register_forward_hook(zero_past(k)) for k, (module, _) in enumerate(layers, start=1)]
+    hooks = [module.register_forward_hook(zero_past(row)) for (module, _), row in zip(layers, ends)]
     try:
         if min(frames) < x.shape[-1]:
-            x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) >= table[0].view(-1, 1, 1), 0.0)
+            x = x.clone()  # the caller's batch stays as it was
+            for b, t in enumerate(frames):
+                x[b, :, int(t) :] = 0.0
         windows = torch.sigmoid(net(x).float())  # (B, n_tags, W of the longest)
     finally:
         for h in hooks:
