@@ -205,7 +205,8 @@ def write_mp3(path: Path, minutes: float, seed: int, rate: int = 44100) -> Path:
 
 def split_times(ckpt: Path, files: list[str], rounds: int) -> dict[str, Any]:
     """Seconds per file (medians over the first 3 files and ``rounds``) of decoding, decoding + features, and the
-    network with 1 and with 2 torch threads (alternating), in this process, each with the 1-minute load."""
+    network with 1 and with 2 torch threads (alternating; wall and CPU time), in this process, with the 1-minute
+    load."""
     from freqtag.audiostream import decoded_blocks
     from freqtag.prepare import Job
     from freqtag.tagger import load_model
@@ -213,7 +214,8 @@ def split_times(ckpt: Path, files: list[str], rounds: int) -> dict[str, Any]:
 
     model = load_model(ckpt)
     threads = torch.get_num_threads()
-    times: dict[str, list[float]] = {"decode": [], "features": [], "network_1_thread": [], "network_2_threads": []}
+    times: dict[str, list[float]] = {"decode": [], "decode_and_features": [], "network_1_thread": [],
+                                     "network_2_threads": [], "network_1_thread_cpu": [], "network_2_threads_cpu": []}
     loads: list[float] = []
     outs: dict[int, np.ndarray] = {}
     for r in range(rounds + 1):  # round 0 warms up
@@ -227,15 +229,16 @@ def split_times(ckpt: Path, files: list[str], rounds: int) -> dict[str, Any]:
             t2 = time.perf_counter()
             if r:
                 times["decode"].append(t1 - t0)
-                times["features"].append(t2 - t1)
+                times["decode_and_features"].append(t2 - t1)
             for n, key in ((1, "network_1_thread"), (2, "network_2_threads")):
                 torch.set_num_threads(n)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 s = model.stream()
                 s.push(d.frames[0])
                 outs[n] = s.finish()
                 if r:
                     times[key].append(time.perf_counter() - t0)
+                    times[key + "_cpu"].append(time.process_time() - c0)  # both threads' (spinning included)
             torch.set_num_threads(threads)
             assert np.array_equal(outs[1], outs[2]), "the network's result depends on the thread count"
     out: dict[str, Any] = {k: float(np.median(v)) for k, v in times.items()}
@@ -243,6 +246,22 @@ def split_times(ckpt: Path, files: list[str], rounds: int) -> dict[str, Any]:
     out["load_1min"] = [round(x, 2) for x in loads]
     out["frames"] = int(d.frames[0].shape[0])
     return out
+
+
+def family_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children (the fork server), with the children they have reaped
+    (the workers): the work a run did, whatever share of the cores the machine's other jobs left it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # ppid; then utime, stime, cutime, cstime are fields 11-14 after the name
+            total += sum(int(v) for v in fields[11:15]) / tick
+    return total
 
 
 def designs(args: argparse.Namespace) -> dict[str, tuple[int, bool | None, int | None]]:
@@ -278,6 +297,7 @@ def workers_bench(args: argparse.Namespace, scratch: Path) -> dict:
                                    "--no-progress", "--workers", str(workers), "--out", str(out)])
             a.network_workers = network_workers
             torch.set_num_threads(main_threads or threads)
+            c0 = family_cpu_seconds()
             try:
                 t0 = time.perf_counter()
                 code = a.run(a)
@@ -285,23 +305,29 @@ def workers_bench(args: argparse.Namespace, scratch: Path) -> dict:
             finally:
                 torch.set_num_threads(threads)
             assert code == 0, code
+            time.sleep(0.5)  # the fork server reaps the workers that have just exited
+            cpu[label].append(family_cpu_seconds() - c0)
             return seconds, out.read_text()
 
         parts = split_times(ckpt, files, args.rounds)
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         texts = {k: run(k)[1] for k in runs}  # warm-up (the fork server, the first imports), and the check
         assert all(t == texts["0"] for t in texts.values()), "outputs differ between designs"
         times: dict[str, list[float]] = {k: [] for k in runs}
         loads: dict[str, list[float]] = {k: [] for k in runs}
+        cpu = {k: [] for k in runs}
         for _ in range(args.rounds):
             for k in runs:
                 loads[k].append(round(os.getloadavg()[0], 2))
                 times[k].append(run(k)[0])
         rate = {k: len(files) / float(np.median(v)) for k, v in times.items()}
-        net1 = parts["decode"] + parts["features"] + parts["network_1_thread"]
+        net1 = parts["decode_and_features"] + parts["network_1_thread"]
         result["models"][name] = {
             "tracks_per_s": rate,
             "speedup": {k: rate[k] / rate["0"] for k in runs if k != "0"},
             "seconds": times,
+            # CPU seconds per file of this process, the fork server and the workers: less sensitive to the load
+            "cpu_seconds_per_file": {k: float(np.median(v)) / len(files) for k, v in cpu.items()},
             "load_1min": loads,
             "load_1min_median": float(np.median(sum(loads.values(), []))),
             "seconds_per_file": parts,
@@ -309,11 +335,13 @@ def workers_bench(args: argparse.Namespace, scratch: Path) -> dict:
             # estimates, not measurements: N one-thread pipelines on N free cores, from this process's split
             "estimated_tracks_per_s_per_core": 1.0 / net1,
         }
-        print(f"  {name}: per file: decode {parts['decode']:.2f} s, features {parts['features']:.2f} s, network "
+        print(f"  {name}: per file: decode {parts['decode']:.2f} s, decode + features {parts['decode_and_features']:.2f} s, "
+              f"network "
               f"{parts['network_1_thread']:.2f} s on 1 thread / {parts['network_2_threads']:.2f} s on 2 "
               f"(1-min load {min(parts['load_1min']):.1f}-{max(parts['load_1min']):.1f})", flush=True)
         print("    " + ", ".join(f"--workers {k}: {rate[k]:.3f} tracks/s" for k in runs)
               + " (speed-up " + ", ".join(f"{k}: {rate[k] / rate['0']:.2f}x" for k in runs if k != "0")
+              + "; CPU s/file " + ", ".join(f"{k}: {v:.2f}" for k, v in result["models"][name]["cpu_seconds_per_file"].items())
               + f"; 1-min load median {result['models'][name]['load_1min_median']:.1f}, "
               f"{min(sum(loads.values(), [])):.1f}-{max(sum(loads.values(), [])):.1f})", flush=True)
     for f in files:

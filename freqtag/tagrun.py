@@ -55,9 +55,12 @@ from .faults import fault_point
 from .predict_formats import FileResult
 
 __all__ = ["add_run_arguments", "default_workers", "tag_file", "tag_files", "load_for_run", "run_files",
-           "decode_features", "DecodedFile", "tag_job", "network_in_workers"]
+           "decode_features", "DecodedFile", "tag_job", "network_in_workers", "network_worker_bytes"]
 
 OOM_FIX = "lower --batch-size (windows per forward pass), or use --device cpu"
+#: Peak memory of one file through the network at the default chunk of mel128 (16,384 + 448 frames a pass):
+#: bench/predict.py measured +0.9 to +1.6 GiB over the loaded model for 5 to 60-minute files, decoding included.
+PASS_PEAK_MEL128 = 2 << 30
 
 
 def default_workers() -> int:
@@ -196,6 +199,20 @@ def tag_job(job: Any, chunk_windows: int | None, layer: str | None) -> FileResul
         raise SkipTrack(str(e)) from None
 
 
+def network_worker_bytes(models: Sequence[Any], chunk_windows: int | None = None) -> int:
+    """Estimated peak memory of one network worker: :data:`PASS_PEAK_MEL128` scaled by the bands x frames of
+    the largest forward pass (the activations), plus the models' weights."""
+    from .tagger import CHUNK_FRAMES, WindowStream
+
+    def pass_size(m: Any) -> int:
+        s = WindowStream(m, chunk_windows)
+        return int(m.spec.n_mels * (s.chunk + 2 * s.context) * m.input_length)
+
+    scale = max(pass_size(m) for m in models) / (128 * (CHUNK_FRAMES + 2 * 224))
+    weights = sum(p.numel() * p.element_size() for m in models for p in m.net.parameters())
+    return int(PASS_PEAK_MEL128 * scale) + int(weights)
+
+
 def network_in_workers(models: Sequence[Any]) -> bool:
     """Whether workers run the network too: on a CPU, where its result does not depend on the thread count."""
     from .tagger import thread_invariant
@@ -293,7 +310,8 @@ def load_for_run(args: argparse.Namespace, command: str) -> list[Any] | int:
         return usage("no INPUT given: name audio files, folders or globs after the checkpoints")
     if args.batch_size is not None and args.batch_size < 1:
         return usage(f"--batch-size {args.batch_size}: must be at least 1 window")
-    if args.workers is None:
+    defaulted = args.workers is None
+    if defaulted:
         args.workers = default_workers()
     if args.workers < 0:
         return usage(f"--workers {args.workers}: must be 0 (all in this process) or more")
@@ -306,11 +324,35 @@ def load_for_run(args: argparse.Namespace, command: str) -> list[Any] | int:
         return 1
     except (CheckpointError, ValueError, OSError) as e:
         return usage(str(e))
+    if defaulted:
+        _fit_workers(args, models, command)
     for m in models:
         if m.synthetic:
             print(f"freqtag {command}: warning: {m.source or m.path} was trained on freqtag's synthetic demo data: "
                   f"its tags say nothing about real music", file=sys.stderr)
     return models
+
+
+def _fit_workers(args: argparse.Namespace, models: Sequence[Any], command: str) -> None:
+    """The default --workers, lowered (one line on stderr) when that many network workers would not fit in RAM.
+
+    Each network worker holds a forward pass's activations (about 2 GiB for mel128 at the default
+    --batch-size), where feature workers needed little: 16 of them with 16 GiB free would be killed by the
+    kernel, file after file. An explicit --workers is taken as given.
+    """
+    from .memory import free_bytes, gib
+
+    if args.workers < 2 or not network_in_workers(models):
+        return
+    import torch
+
+    need = network_worker_bytes(models, args.batch_size)
+    free = free_bytes(torch.device("cpu"))
+    fit = max(1, free // need)
+    if fit < args.workers:
+        print(f"freqtag {command}: {fit} workers, not {args.workers}: each needs about {gib(need)} for the network "
+              f"and {gib(free)} of RAM is free (a lower --batch-size needs less; --workers N sets it)", file=sys.stderr)
+        args.workers = fit
 
 
 def run_files(args: argparse.Namespace, models: Sequence[Any], files: Sequence[Path], failed: list[tuple[str, str]],

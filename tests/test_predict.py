@@ -390,3 +390,23 @@ def test_cpu_workers_run_the_network_and_both_designs_agree_bit_for_bit(runs, au
                 assert a.path == b.path and a.duration_s == b.duration_s and a.passes == b.passes, label
                 assert all(np.array_equal(x, y) for x, y in zip(a.windows, b.windows)), label
                 assert np.array_equal(a.probs, b.probs), label
+
+
+def test_default_workers_fit_in_ram(runs, audio, capsys, monkeypatch):
+    """Each network worker holds a forward pass's activations: the default count is lowered to what RAM holds,
+    in one line; an explicit --workers is taken as given."""
+    from freqtag import memory, tagrun
+    from freqtag.tagger import load_models
+
+    need = tagrun.network_worker_bytes(load_models([runs["mel96"]]))
+    monkeypatch.setattr(tagrun, "default_workers", lambda: 8)
+    monkeypatch.setattr(memory, "_host_available", lambda: 3 * need + 1)
+    seen = []  # the workers tag_files is given (it is not run: the count is what is tested)
+    monkeypatch.setattr(tagrun, "tag_files", lambda files, models, *a: (seen.append(a[2]), iter(()))[1])
+    code, _, err = run_cli(capsys, "--ckpt", runs["mel96"], audio["wav"], audio["short"], "--format", "json",
+                           "--no-progress")
+    assert code == 0 and seen == [3]
+    assert "freqtag predict: 3 workers, not 8: each needs about" in err and "--batch-size" in err
+    code, _, err = run_cli(capsys, "--ckpt", runs["mel96"], audio["wav"], audio["short"], "--format", "json",
+                           "--no-progress", "--workers", "5")
+    assert code == 0 and seen == [3, 5] and "workers, not" not in err
