@@ -22,6 +22,7 @@ from torch import nn
 
 from .losses import mixup_loss
 from .metrics import tagging_scores
+from .model import FreqDepConv
 from .overrides import ConfigError
 
 __all__ = ["TaggingModule", "NonFiniteWatch", "track_probabilities", "seed_dropout", "COMPILE_MODES",
@@ -218,8 +219,15 @@ class TaggingModule(pl.LightningModule):
         logits = self.net(lam * x + rest * x[perm]).squeeze(-1)
         return mixup_loss(self.loss, logits, y, y[perm], lam, rest)
 
-    def compiled_step(self) -> Callable[..., torch.Tensor]:
-        """torch.compile of :meth:`mixed_loss` (made once; static shapes, eager's random numbers)."""
+    def compiled_step(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        """torch.compile of :meth:`mixed_loss` (made once; static shapes, eager's random numbers).
+
+        On the CPU, with FreqDepConv layers, inductor's C++ kernels are not
+        vectorised (``cpp.simdlen=1``): torch 2.11's vectorised kernel for
+        the backward of their frequency unfold writes past its buffer (glibc
+        aborted with "double free or corruption" / "free(): invalid next
+        size" within 4 steps, for both forms; unvectorised, 4 steps ran clean).
+        """
         if self._compiled is None:
             mode = self.hparams.compile_mode
             kwargs: dict[str, Any] = {}
@@ -229,6 +237,8 @@ class TaggingModule(pl.LightningModule):
                 options = list_mode_options(mode, dynamic=False)
                 self._cudagraphs = bool(options.get("triton.cudagraphs"))
                 kwargs["options"] = {**options, "fallback_random": True}
+                if device.type == "cpu" and any(isinstance(m, FreqDepConv) for m in self.net.modules()):
+                    kwargs["options"]["cpp.simdlen"] = 1
             self._compiled = torch.compile(self.mixed_loss, backend=self.compile_backend, dynamic=False, **kwargs)
         return self._compiled
 
@@ -246,7 +256,7 @@ class TaggingModule(pl.LightningModule):
         x, y = batch["x"], batch["y"].float()
         lam, perm = self.mixup_draw(len(x), x.device)
         if self.hparams.compile:
-            step = self.compiled_step()
+            step = self.compiled_step(x.device)
             if x.device.type == "cuda" and self._cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may be reused
             # lam and 1 - lam as 0-d tensors filled on the device (a fill kernel each, no copy)

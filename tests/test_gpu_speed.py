@@ -396,19 +396,23 @@ def test_compiled_step_is_the_eager_step(tiny: Tiny, tmp_path: Path, aot_eager: 
 
 
 @pytest.mark.slow
-def test_inductor_compiled_step_matches_eager(tiny: Tiny, tmp_path: Path) -> None:
-    """The real compiler (inductor, C++ on the CPU), the demo network: 3 steps give eager's losses and weights.
+@pytest.mark.parametrize("model", ["convs", "freq_dep"])
+def test_inductor_compiled_step_matches_eager(tiny: Tiny, tmp_path: Path, model: str) -> None:
+    """The real compiler (inductor, C++ on the CPU), the real networks: 3 steps give eager's losses and weights.
 
-    Measured: losses equal to 2e-7 at steps 1-2 and 1.6e-5 (relative) at step 3: inductor's fused kernels round
-    differently, and lr 0.5 grows the difference (aot_eager, the same graph without inductor, is exact).
+    At lr 0.01: inductor's fused kernels round differently (the first loss is 2e-7 to 3e-6 from eager's), and
+    at the recipe's lr 0.5 three steps grew that to 1.6e-5 (convs) and 1.5e-3 (freq_dep) in the third loss.
+    aot_eager, the same graph without inductor, is exact. freq_dep also checks that its compiled backward runs
+    (vectorised, it corrupted the heap).
     """
     torch._dynamo.reset()
     seen = {False: Losses(), True: Losses()}
-    eager = fit(compose(tiny, tmp_path, "model=convs"), 3, seen[False], probe=False)
-    compiled = fit(compose(tiny, tmp_path, "model=convs", "compile=true"), 3, seen[True], probe=False)
-    assert seen[True].seen[0] == pytest.approx(seen[False].seen[0], rel=1e-6)  # the same dropout masks and mixup
+    eager = fit(compose(tiny, tmp_path, f"model={model}", "optim.lr=0.01"), 3, seen[False], probe=False)
+    compiled = fit(compose(tiny, tmp_path, f"model={model}", "optim.lr=0.01", "compile=true"), 3, seen[True],
+                   probe=False)  # fmt: skip
+    # other dropout masks or another permutation would move a loss by percents
     assert seen[True].seen == pytest.approx(seen[False].seen, rel=1e-4)
-    assert_same(weights(eager), weights(compiled), rtol=1e-3, atol=1e-4)
+    assert_same(weights(eager), weights(compiled), rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.slow
