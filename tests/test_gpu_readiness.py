@@ -297,7 +297,7 @@ def test_out_of_memory_in_predict_skips_the_file_and_says_what_to_change(tmp_pat
     out = tmp_path / "tags.json"
     with redirect_stderr(err):
         code = main(["--ckpt", str(run_dir), str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--device", "cpu",
-                     "--format", "json", "--out", str(out), "--no-progress"])
+                     "--format", "json", "--out", str(out), "--no-progress", "--workers", "0"])  # the patch is in this process
     assert code == 1
     assert "a.wav: out of memory: tagging on cpu did not fit" in err.getvalue()
     assert "--batch-size" in err.getvalue()

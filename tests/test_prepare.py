@@ -82,7 +82,7 @@ class Tree:
         ]  # fmt: skip
 
 
-def freqtag(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def freqtag(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([FREQTAG, *args], capture_output=True, text=True, timeout=timeout)
 
 
