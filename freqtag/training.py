@@ -158,6 +158,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._writer.start()
 
     def _write(self, buffer: io.BytesIO, path: Path) -> None:
+        """The background thread: the serialised checkpoint onto disk; an error is kept for :meth:`wait`."""
         try:
             atomic_save_bytes(buffer.getbuffer(), path)
         except BaseException as e:  # noqa: BLE001 - raised on the training thread by wait()
@@ -279,6 +280,7 @@ def check_eval_batch_frames(value: Any) -> int:
 
 
 def check_async_checkpoint(value: Any) -> bool:
+    """``async_checkpoint`` as a bool (a string such as "no" would be truthy), or one :class:`ConfigError` line."""
     if not isinstance(value, bool):
         raise ConfigError(
             f"async_checkpoint={value!r}: must be true (last.ckpt written in a background thread) or false "
