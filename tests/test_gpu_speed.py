@@ -274,11 +274,12 @@ def test_batches_go_to_a_gpu_from_pinned_memory_without_blocking(tiny: Tiny, tmp
 
 # 3. fused / foreach optimizer and clipping ---------------------------------------------------------------------------
 def test_sgd_kernels_and_foreach_clipping_give_the_loops_update() -> None:
-    """Three clipped Nesterov steps on the network's parameters (mel32 for speed): fused and foreach = the loop."""
+    """Three clipped Nesterov steps over the network's parameters (convs, mel32: 3 M of them, for speed):
+    fused and foreach give the per-tensor loop's weights (``bench/train_step.py --optimizer`` times them)."""
     from freqtag.model import FreqTagNet
 
     torch.manual_seed(0)
-    shapes = [p.shape for p in FreqTagNet(32, 32, 56, "freq_dep").parameters()]
+    shapes = [p.shape for p in FreqTagNet(32, 32, 56, "convs").parameters()]
     start = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) * 0.1 for s in shapes] for _ in range(3)]
     out: dict[str, list[torch.Tensor]] = {}
