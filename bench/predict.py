@@ -44,8 +44,9 @@ which a chunk page-faults the network's buffers back in).
 
     python bench/predict.py [--tracks 3] [--rounds 2] [--minutes 5 20 60] [--malloc keep|default]
                             [--out bench/results/predict.json]
-    python bench/predict.py --workers-only [--files 8] [--file-minutes 2] [--workers 2] [--rounds 2]
-                            [--candidates] [--out bench/results/predict_workers.json]
+    python bench/predict.py --workers-only [--files 16] [--file-minutes 2] [--workers 2] [--rounds 2]
+                            [--candidates] [--models freq_dep convs]
+                            [--out bench/results/predict_workers.json]
 """
 
 from __future__ import annotations
@@ -248,6 +249,11 @@ def split_times(ckpt: Path, files: list[str], rounds: int) -> dict[str, Any]:
     return out
 
 
+#: --models: key -> (name, (filters, n_mels, input_length)); their shares of features and network differ.
+WORKER_MODELS = {"freq_dep": ("freq_dep mel128 x 224", ("freq_dep", 128, 224)),
+                 "convs": ("convs mel96 x 128", ("convs", 96, 128))}
+
+
 def family_cpu_seconds() -> float:
     """CPU seconds of this process and of its children (the fork server), with the children they have reaped
     (the workers): the work a run did, whatever share of the cores the machine's other jobs left it."""
@@ -280,8 +286,8 @@ def workers_bench(args: argparse.Namespace, scratch: Path) -> dict:
     from freqtag.cli import build_parser
 
     files = [str(write_mp3(scratch / f"w{i}.mp3", args.file_minutes, i)) for i in range(args.files)]
-    models = {"freq_dep mel128 x 224": make_checkpoint(scratch / "fd128.ckpt", "freq_dep", 128, 224),
-              "convs mel96 x 128": make_checkpoint(scratch / "cv96.ckpt", "convs", 96, 128)}
+    models = {name: make_checkpoint(scratch / f"{key}.ckpt", *recipe) for key, (name, recipe) in WORKER_MODELS.items()
+              if key in args.models}
     parser = build_parser()
     runs = designs(args)
     result: dict = {"files": len(files), "minutes_per_file": args.file_minutes, "cores": len(os.sched_getaffinity(0)),
@@ -360,8 +366,11 @@ def main() -> None:
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--workers-only", action="store_true", help="only the --workers comparison (3. above)")
     p.add_argument("--workers", type=int, nargs="+", default=[2], help="worker counts to compare with 0")
-    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--files", type=int, default=16,
+                   help="two-minute files per run (default 16: a worker's start-up, about 0.6 CPU s, is then a small share)")
     p.add_argument("--file-minutes", type=float, default=2.0)
+    p.add_argument("--models", nargs="+", choices=tuple(WORKER_MODELS), default=list(WORKER_MODELS),
+                   help="the networks of --workers-only (default both)")
     p.add_argument("--candidates", action="store_true",
                    help="also the designs that lost: feature workers with the network here (N features), and that "
                    "with one torch thread here (N features 1 thread)")

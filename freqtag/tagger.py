@@ -124,9 +124,10 @@ class OneDNNConvolutions(TorchFunctionMode):
 def cpu_inference_layout(net: nn.Module) -> nn.Module:
     """The 4-d convolution weights in channels-last layout (same values), so their activations stay channels-last.
 
-    Measured on one thread (CPU time of a 5,600-frame forward pass): freq_dep
-    mel128 x 224 1.20 -> 1.02 s, convs mel96 x 128 1.05 -> 0.70 s; mostly
-    the max pool, 240 -> 27 ms (channels-first max pooling is not
+    Measured on one thread (CPU time of a 5,600-frame forward pass, medians of
+    5-6 interleaved passes on the loaded machine, two runs): freq_dep mel128 x
+    224 1.20-1.22 -> 1.02-1.05 s, convs mel96 x 128 0.93-1.05 -> 0.68-0.70 s;
+    mostly the max pool, 240 -> 27 ms (channels-first max pooling is not
     vectorised), and no reorders around oneDNN. The logits move by ~1e-7.
     """
     for m in net.modules():

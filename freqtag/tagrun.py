@@ -11,7 +11,10 @@ Three ways to get a file through the network, with the same result bit for bit:
   (:func:`tag_job`), and hand back only its window outputs; this process
   collects them in input order. Each worker holds a copy of the models and
   streams its file as ``--workers 0`` does: memory is bounded per worker (one
-  chunk's activations, ``--batch-size``), N times that in all;
+  forward pass's activations, ``--batch-size``), N times that in all, so the
+  default N is lowered to what RAM holds (:func:`network_worker_bytes`). A
+  worker's start costs about 0.6 CPU s (the models, then the first file's
+  fresh pages), a small share of a folder's run;
 - ``--workers N`` with the network on a GPU: N processes decode and compute
   the features of the next files while this process runs the network, in
   input order. A worker hands over the whole float32 (frames, bands) array of
@@ -22,13 +25,24 @@ Workers are ``freqtag prepare``'s crash-isolating pool
 (:func:`freqtag.prepare.run_jobs`): a decoder that kills its process is
 reported for that file and the others go on.
 
-Why the network goes to the workers on a CPU: it is 2/3 to 3/4 of a file's
-work there, and torch's threads scale poorly on shared cores (one forward pass
-of freq_dep mel128 over a two-minute file on this 2-core machine, under the
-other jobs' load: 1 thread 2.0 s, 2 threads 3.3 s), so N one-thread pipelines
-beat one N-thread network fed by feature workers (``bench/predict.py
---workers-only``, figures in bench/results/predict_workers.json). Where the
-network is on a GPU, features are the work, and the GPU wants one process.
+Why the network goes to the workers on a CPU (``bench/predict.py
+--workers-only --candidates``, 16 two-minute MP3 files, 2-core machine shared
+with other jobs, bench/results/predict_workers*.json): the network is 70% of a
+file's work there (freq_dep mel128 x 224 per file: decoding + features 0.40 s,
+the network 0.95 s on one thread) and torch's threads scale poorly on shared
+cores (the same pass on 2 threads: 2.60 s at a 1-minute load of 2.6-3.1).
+Against ``--workers 0`` (1-min load 5-6, medians of interleaved rounds):
+
+- N one-thread pipelines (chosen): 1.96x; 1.48 CPU s a file;
+- feature workers, the network here on torch's 2 threads (the GPU design):
+  1.04x; 2.76 CPU s a file (``--workers 0``: 2.91);
+- the same with one torch thread here: 1.98x; 1.46 CPU s a file.
+
+Under load the last two one-thread designs tie (the other jobs leave about a
+core, so the CPU per file decides); on free cores the chosen one runs a
+network per core, the other only one network at a time (its bound: one file
+per 0.95 s against 2 per 1.35 s). Where the network is on a GPU, the features
+are the work, and the GPU wants one process.
 
 The outputs are identical: the features come from the same single-threaded
 code, the network sees the same chunks of frames, and its arithmetic does not
