@@ -2,7 +2,7 @@
 
 import sys
 
-from freqtag.predict import main
+from freqtag.tag.predict import main
 
 if __name__ == "__main__":
     sys.exit(main())

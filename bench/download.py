@@ -6,7 +6,7 @@ What is measured:
   bytes, named and listed as MTG's are, in a fake clone of MTG's repository) are
   served by a Range-capable HTTP server in its own process on 127.0.0.1 (``sendfile``,
   so the server costs little CPU), and downloaded by
-  :func:`freqtag.download.download` into an empty folder with each ``--jobs`` value:
+  :func:`freqtag.data.download.download` into an empty folder with each ``--jobs`` value:
   streamed to ``NAME.part``, hashed as it arrives, fsynced, renamed. MB/s is the total
   size over the wall time of the whole call (lists read, shards fetched and verified).
   With ``--unpack`` the same is timed with unpacking (every track written and verified).
@@ -145,7 +145,7 @@ def peak_rss_mib() -> float:
 
 
 def timed_download(base: str, repo: Path, out: Path, jobs: int, unpack: bool, data_type: str = "melspecs") -> float:
-    from freqtag.download import DownloadPlan, download
+    from freqtag.data.download import DownloadPlan, download
 
     shutil.rmtree(out, ignore_errors=True)
     plan = DownloadPlan(DATASET, data_type, out, repo, mirror=base, unpack=unpack, jobs=jobs, progress=False)
@@ -162,7 +162,7 @@ def child_download(base: str, repo: str, out: str) -> None:
     """In a fresh process: RSS after imports, then the peak over one download of the big shard."""
     import tracemalloc
 
-    from freqtag.download import DownloadPlan, download
+    from freqtag.data.download import DownloadPlan, download
 
     before = peak_rss_mib()
     tracemalloc.start()

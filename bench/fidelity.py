@@ -9,20 +9,20 @@ numpy, the mixup permutation and the DataLoader shuffle from torch, crop starts
 from numpy), ``zero_grad -> forward -> backward -> clip_grad_norm_ -> step``,
 ``scheduler.step()`` after each epoch, ``AveragedModel`` over the last 20% of
 the epochs and ``update_bn`` over one more epoch of crops. Both sides use the
-same network code (``freqtag.model``), the same loss (``freqtag.losses``), the
+same network code (``freqtag.model``), the same loss (``freqtag.train.losses``), the
 same data (one store, one filtered split) and ONE evaluation
-(``freqtag.training.evaluate_tracks`` + ``freqtag.metrics.tagging_scores``).
+(``freqtag.train.driver.evaluate_tracks`` + ``freqtag.metrics.tagging_scores``).
 
 Each ingredient of the plain loop can be swapped for freqtag's, one at a time:
 
   --dropout ours   reseed the dropout generator every step, as TaggingModule.on_train_batch_start
   --mixup ours     lam from np.random.default_rng([seed, step, 2]), the permutation from a torch generator seeded
                    by that stream's next draw, as TaggingModule.mixup_draw
-  --crops ours     freqtag.data.CropSampler (order and starts from (seed, epoch))
-  --gather ours    JamendoDataModule.gather + freqtag.data.normalised (in-memory crops)
+  --crops ours     freqtag.data.datamodule.CropSampler (order and starts from (seed, epoch))
+  --gather ours    JamendoDataModule.gather + freqtag.data.datamodule.normalised (in-memory crops)
   --val-pass       the per-epoch centre-crop validation pass Lightning runs (eval mode)
-  --swa ours       freqtag.swa.SWA + the BatchNorm pass of freqtag.training.finalize
-  --all-ours       all of the above: must reproduce freqtag.training.run bit for bit
+  --swa ours       freqtag.train.swa.SWA + the BatchNorm pass of freqtag.train.driver.finalize
+  --all-ours       all of the above: must reproduce freqtag.train.driver.run bit for bit
 
 Subcommands:
 
@@ -78,8 +78,8 @@ def data_paths(tracks: int, length: int) -> dict[str, Path]:
 
 def prepare(tracks: int, length: int) -> dict[str, Path]:
     """`freqtag synth --tracks N --seed 0 --features mel96`, then the split TSVs without tracks < L frames."""
-    from freqtag.store import FeatureStore
-    from freqtag.synthetic import synthesize
+    from freqtag.data.store import FeatureStore
+    from freqtag.data.synthetic import synthesize
 
     p = data_paths(tracks, length)
     synthesize(p["base"], tracks=tracks, seed=0, features="mel96")
@@ -123,19 +123,19 @@ def scores(net, dm, split: str) -> dict[str, float]:
     import torch
 
     from freqtag.metrics import tagging_scores
-    from freqtag.training import evaluate_tracks
+    from freqtag.train.driver import evaluate_tracks
 
     probs = evaluate_tracks(net, dm, split, torch.device("cpu"))
     return tagging_scores(probs, dm.splits[split].split.labels)
 
 
-# ---------------------------------------------------------------------------- ours: freqtag.training.run
+# ---------------------------------------------------------------------------- ours: freqtag.train.driver.run
 def run_ours(seed: int, tracks: int, epochs: int, out: Path) -> dict:
     import torch
     from hydra.utils import instantiate
 
     from freqtag.features import FeatureSpec
-    from freqtag.training import build_net, run
+    from freqtag.train.driver import build_net, run
 
     cfg = compose_cfg(seed, tracks, epochs, out)
     t0 = time.time()
@@ -186,12 +186,12 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     from hydra.utils import instantiate
     from torch.optim.swa_utils import AveragedModel, update_bn
 
-    from freqtag.data import CropSampler, normalised
+    from freqtag.data.datamodule import CropSampler, normalised
     from freqtag.features import FeatureSpec
-    from freqtag.losses import mixup_loss
-    from freqtag.module import seed_dropout
-    from freqtag.swa import SWA, recompute_batchnorm
-    from freqtag.training import build_loss, build_net, check_scorable, set_n_tags
+    from freqtag.train.driver import build_loss, build_net, check_scorable, set_n_tags
+    from freqtag.train.losses import mixup_loss
+    from freqtag.train.module import seed_dropout
+    from freqtag.train.swa import SWA, recompute_batchnorm
 
     cpu = torch.device("cpu")
     cfg = compose_cfg(seed, tracks, epochs, Path("/nonexistent"))
@@ -200,7 +200,7 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     dm = instantiate(cfg.data, features=FeatureSpec.from_dict(dict(cfg.features)), _recursive_=False)
     dm.check()
     check_scorable(dm)
-    set_n_tags(cfg, dm)  # model.n_tags: null takes the tag list's length, as freqtag.training.run does
+    set_n_tags(cfg, dm)  # model.n_tags: null takes the tag list's length, as freqtag.train.driver.run does
     net = build_net(cfg.model)  # same draws as freqtag: the same initial weights
     loss_fn = build_loss(cfg.loss, dm)
     hp = cfg.optim
@@ -292,7 +292,7 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
         # update_bn: one more epoch of crops, no mixup, dropout from the continuing stream
         update_bn([crops_x(i, s) for i, s in epoch_crops(epochs)], swa_theirs)
         final = swa_theirs.module
-    else:  # freqtag.training.finalize
+    else:  # freqtag.train.driver.finalize
         swa_ours.apply(net)
         loader = iter(dm.crop_loader("train", shuffle=True, epoch=epochs, all_ranks=True))
         with torch.random.fork_rng(devices=[]):
@@ -307,12 +307,11 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
 def mask_shapes(batch: int, length: int) -> list[tuple[tuple[int, ...], float]]:
     """(shape, keep) of every dropout draw of one training step of freq_dep/mel96, in call order."""
     import torch
+    from hydra import compose, initialize_config_module
     from torch import nn
 
     from freqtag.model import FreqDepConv
-    from freqtag.training import build_net
-
-    from hydra import compose, initialize_config_module
+    from freqtag.train.driver import build_net
 
     with initialize_config_module("freqtag.conf", version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo"])
@@ -493,7 +492,7 @@ def rng_stats(steps: int, seed: int, tracks: int, out: Path | None) -> dict:
     import torch
     from scipy import stats
 
-    from freqtag.data import CropSampler
+    from freqtag.data.datamodule import CropSampler
 
     torch.set_num_threads(1)
     alpha, B, L = 0.2, 32, 64
@@ -525,7 +524,7 @@ def rng_stats(steps: int, seed: int, tracks: int, out: Path | None) -> dict:
     res["mixup"]["ks_p_ours_vs_theirs"] = float(stats.ks_2samp(lams["ours"], lams["theirs"]).pvalue)
     # crops: relative start position start/room of every crop over the epochs, for tracks with room > 0
     p = data_paths(tracks, L)
-    from freqtag.store import FeatureStore
+    from freqtag.data.store import FeatureStore
 
     lengths = FeatureStore(p["store"]).lengths[:1200].astype(np.int64)
     room = np.maximum(lengths - L, 0)

@@ -36,9 +36,9 @@ other in a thread of the launching process; stage 7 over gloo with CPU tensors; 
 without workers. Its background stages start as soon as stage 2 has made their data, on the core the
 main process leaves idle. Process start-up (importing Lightning) is most of its minute.
 
-Tolerances: float32 on the GPU against the CPU, ``freqtag.precision.device_tolerance`` of
+Tolerances: float32 on the GPU against the CPU, ``freqtag.system.precision.device_tolerance`` of
 ``--fp32-precision`` (absolute; 1e-5 for ``ieee``); whole-track evaluation always runs in IEEE float32
-(``freqtag.precision``), so stage 7 uses the ``ieee`` one. Mixed precision (a 16-mixed or bf16-mixed
+(``freqtag.system.precision``), so stage 7 uses the ``ieee`` one. Mixed precision (a 16-mixed or bf16-mixed
 batch loss against the CPU's float32 loss): ``MIXED_RTOL`` = 2e-2, relative, as half precision keeps
 8 (bf16) to 11 (fp16) mantissa bits.
 
@@ -71,8 +71,6 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from types import SimpleNamespace
 from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,21 +81,21 @@ import soundfile as sf
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from machine import machine  # bench/machine.py, beside this script (on PYTHONPATH for the check's processes)
 
 import freqtag.cli
-import freqtag.gpu_pool
-from freqtag import jamendo
-from freqtag.allocator import keep_freed_memory
+import freqtag.train.gpu_pool
+from freqtag.data import jamendo
+from freqtag.data.store import FeatureStore, StoreWriter
 from freqtag.features import FeatureSpec
 from freqtag.model import FreqTagNet
-from freqtag.precision import FP32_PRECISIONS, device_tolerance, set_fp32_precision
-from freqtag.store import FeatureStore, StoreWriter
-from machine import machine  # bench/machine.py, beside this script (on PYTHONPATH for the check's processes)
+from freqtag.system.allocator import keep_freed_memory
+from freqtag.system.precision import FP32_PRECISIONS, device_tolerance, set_fp32_precision
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-# Lightning, Hydra and what imports them (freqtag.data, .training, bench/train_step.py, bench/loader.py) take
+# Lightning, Hydra and what imports them (freqtag.data.datamodule, .training, bench/train_step.py, bench/loader.py) take
 # seconds to import: they are imported by the stages that use them, so that with --cpu the background
 # stages start before this process has imported them.
 
@@ -516,7 +514,7 @@ def no_dropout(net: torch.nn.Module) -> torch.nn.Module:
 
 def batch_losses(cfg: Any, dm: Any, x: torch.Tensor, y: torch.Tensor, c: Check, precisions: list[str]) -> dict[str, Any]:
     """One batch's loss with the same weights: CPU float32 against the device (float32, and each mixed precision)."""
-    from freqtag.training import build_loss, build_net
+    from freqtag.train.driver import build_loss, build_net
 
     torch.manual_seed(INIT_SEED)
     cpu_net = no_dropout(build_net(cfg.model)).train()
@@ -580,8 +578,8 @@ def fit_block(cfg: Any, dm: Any, precision: str, c: Check) -> dict[str, Any]:
     import train_step as bench_train_step
     from hydra.utils import instantiate
 
-    from freqtag.module import TaggingModule
-    from freqtag.training import build_loss, build_net
+    from freqtag.train.driver import build_loss, build_net
+    from freqtag.train.module import TaggingModule
 
     t0 = time.perf_counter()
     torch.manual_seed(INIT_SEED)
@@ -676,7 +674,7 @@ def stage_loader(c: Check, fig: dict[str, Any]) -> None:
     """
     import loader as bench_loader  # bench/loader.py
 
-    from freqtag.data import JamendoDataModule
+    from freqtag.data.datamodule import JamendoDataModule
 
     needs(c, "synth")
     folder = c.synthetic("mel128")
@@ -774,7 +772,7 @@ def swa_state(last: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def check_final(run: Path, fig: dict[str, Any], prefix: str) -> None:
     """final.ckpt loads with weights_only=True and has every key; metrics.json holds finite scores."""
-    from freqtag.training import FINAL_KEYS
+    from freqtag.train.driver import FINAL_KEYS
 
     final = torch.load(run / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
     missing = [k for k in FINAL_KEYS if k not in final]
@@ -840,7 +838,7 @@ def visible_gpus(c: Check) -> list[str]:
     if c.cpu:
         return ["0"]
 
-    return freqtag.gpu_pool.visible_gpus()
+    return freqtag.train.gpu_pool.visible_gpus()
 
 
 def start_grid(c: Check, fig: dict[str, Any]) -> Chain:
@@ -904,7 +902,7 @@ def record_collectives() -> list[tuple[str, list[str]]]:
 
 def job_dm(job: dict[str, Any]) -> Any:
     """The DataModule of stage 7's data (store mode, no workers), set up."""
-    from freqtag.data import JamendoDataModule
+    from freqtag.data.datamodule import JamendoDataModule
 
     data = Path(job["data"])
     dm = JamendoDataModule(store=str(data / "mel96.h5"), splits_dir=str(data / "split-0"),
@@ -920,9 +918,9 @@ def swa_scores(job: dict[str, Any], rank: int = 0, world: int = 1) -> dict[str, 
     With ``world`` > 1 (inside a process group) the DataModule sees a stand-in trainer with this rank, as
     Lightning's would be, so ``evaluate_tracks`` scores this rank's share and sums over the ranks.
     """
-    from freqtag.module import TaggingModule
-    from freqtag.swa import SWA
-    from freqtag.training import evaluate_tracks, finalize
+    from freqtag.train.driver import evaluate_tracks, finalize
+    from freqtag.train.module import TaggingModule
+    from freqtag.train.swa import SWA
 
     device = torch.device(job["device"])
     set_fp32_precision(job["mode"])
@@ -954,7 +952,7 @@ def ddp_rank(rank: int, world: int, job: dict[str, Any]) -> None:
 
 def stage_ddp(c: Check, fig: dict[str, Any]) -> None:
     """Stage 7: 2 ranks on the one device against one process, and the device against the CPU."""
-    from freqtag.training import evaluate_tracks
+    from freqtag.train.driver import evaluate_tracks
 
     needs(c, "synth")
     s = c.sizes
@@ -998,7 +996,7 @@ def stage_ddp(c: Check, fig: dict[str, Any]) -> None:
            f"collectives got tensors on {fig['collective_devices']}, expected only {c.device.type}")
     if c.device.type == "cpu":
         return  # the device is the CPU: nothing more to compare
-    tol = device_tolerance("ieee")  # whole-track evaluation always runs in IEEE float32 (freqtag.precision)
+    tol = device_tolerance("ieee")  # whole-track evaluation always runs in IEEE float32 (freqtag.system.precision)
     net = single["net"].cpu()  # the same finalized weights, scored on the CPU
     for split in ("validation", "test"):
         cpu = evaluate_tracks(net, job_dm(job), split, torch.device("cpu"))
@@ -1288,7 +1286,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="scratch folder, kept (default: a new temporary one, removed at the end)")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary scratch folder")
     parser.add_argument("--fp32-precision", default="ieee", choices=FP32_PRECISIONS,
-                        help="float32 on the GPU (freqtag.precision); sets the GPU-vs-CPU tolerance")
+                        help="float32 on the GPU (freqtag.system.precision); sets the GPU-vs-CPU tolerance")
     parser.add_argument("--only", type=lambda v: set(v.split(",")), default=None, metavar="STAGE,...",
                         help="run only these stages (what they need from others must be in --work already)")
     parser.add_argument("--compile", action="store_true",

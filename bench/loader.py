@@ -79,14 +79,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from machine import machine  # bench/machine.py, beside this script
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from freqtag.data import CropSampler, JamendoDataModule
+from freqtag.data.datamodule import CropSampler, JamendoDataModule
+from freqtag.data.jamendo import TAGS_FILE
+from freqtag.data.store import FeatureStore
+from freqtag.data.synthetic import SPLIT_FRACTIONS, synthesize
 from freqtag.features import FeatureSpec
-from freqtag.jamendo import TAGS_FILE
-from freqtag.store import FeatureStore
-from freqtag.synthetic import SPLIT_FRACTIONS, synthesize
-from machine import machine  # bench/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # same float16 values, float32 arithmetic on both sides: only rounding may differ

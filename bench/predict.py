@@ -6,7 +6,7 @@
    - ``reference``: the reference's evaluation loop: one whole track per
      forward pass (batch 1), normalise, network, sigmoid, mean over windows,
      under ``torch.no_grad``.
-   - ``freqtag``: :class:`freqtag.tagger.WindowStream` as ``predict`` uses it
+   - ``freqtag``: :class:`freqtag.tag.models.WindowStream` as ``predict`` uses it
      (frames pushed in 6-s pieces as the audio stream delivers them, chunks of
      at most 16,384 frames, inference mode).
 
@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from freqtag.allocator import keep_freed_memory
+from freqtag.system.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,8 +85,8 @@ def make_checkpoint(path: Path, filters: str, n_mels: int, length: int) -> Path:
 
 
 def throughput(args: argparse.Namespace, scratch: Path) -> dict:
-    from freqtag.module import track_probabilities
-    from freqtag.tagger import load_model
+    from freqtag.tag.models import load_model
+    from freqtag.train.module import track_probabilities
 
     model = load_model(make_checkpoint(scratch / "fd128.ckpt", "freq_dep", 128, 224))
     frames = int(round(4 * 60 * model.spec.frames_per_second))
@@ -147,8 +147,8 @@ def _status(key: str) -> int:
 
 def child(ckpt: str, audio: str, malloc: str) -> None:
     """Run in a fresh process: RSS after loading, peak RSS after tagging (KiB, Linux ru_maxrss)."""
-    from freqtag.predict import tag_file
-    from freqtag.tagger import load_model
+    from freqtag.tag.models import load_model
+    from freqtag.tag.predict import tag_file
 
     if malloc == "keep":
         keep_freed_memory()
@@ -208,10 +208,10 @@ def split_times(ckpt: Path, files: list[str], rounds: int) -> dict[str, Any]:
     """Seconds per file (medians over the first 3 files and ``rounds``) of decoding, decoding + features, and the
     network with 1 and with 2 torch threads (alternating; wall and CPU time), in this process, with the 1-minute
     load."""
-    from freqtag.audiostream import decoded_blocks
-    from freqtag.prepare import Job
-    from freqtag.tagger import load_model
-    from freqtag.tagrun import decode_features
+    from freqtag.audio.stream import decoded_blocks
+    from freqtag.prepare.command import Job
+    from freqtag.tag.models import load_model
+    from freqtag.tag.runner import decode_features
 
     model = load_model(ckpt)
     threads = torch.get_num_threads()

@@ -11,7 +11,7 @@ time (the real-time factor, RTF), for mel128 and mel96, on real music:
   filterbank + ``20*log10`` for mel96), first frame dropped (mel128), then
   ``np.save`` of one float32 ``.npy`` per file. Transforms are built once;
   torch keeps its default threads.
-- ``freqtag wN``: :func:`freqtag.prepare.prepare_audio` with N worker
+- ``freqtag wN``: :func:`freqtag.prepare.command.prepare_audio` with N worker
   processes, ``--device cpu``: each worker decodes, averages, resamples, trims
   and transforms its files and hands float16 features to the main process,
   which writes the resumable parts and assembles the HDF5 store.
@@ -101,7 +101,7 @@ def build_set(scratch: Path, minutes: float, extra: Path | None) -> list[Path]:
     """The benchmark's audio folder: real clips linked repeatedly (see the module docstring)."""
     import soundfile as sf
 
-    from freqtag.audio import AUDIO_EXTENSIONS
+    from freqtag.audio.decode import AUDIO_EXTENSIONS
 
     sources = scratch / "sources"
     sources.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ def child_reference(features: str, files: list[Path], out: Path, threads: int) -
 
 
 def child_freqtag(features: str, folder: Path, out: Path, workers: int) -> dict:
-    from freqtag.prepare import prepare_audio
+    from freqtag.prepare.command import prepare_audio
 
     imported = time.perf_counter()
     report = prepare_audio(folder, out, features, workers=workers, progress=False)
@@ -188,9 +188,10 @@ def child_main_transform(features: str, folder: Path, out: Path, workers: int) -
     """prepare_audio's other path (the one --device cuda takes), on the CPU."""
     import functools
 
-    from freqtag import audio, prepare
+    from freqtag.audio import decode as audio
+    from freqtag.audio.logmel import LogMel
     from freqtag.features import FeatureSpec
-    from freqtag.melspec import LogMel
+    from freqtag.prepare import command as prepare
 
     imported = time.perf_counter()
     spec = FeatureSpec.load(features)
@@ -243,10 +244,10 @@ def profile(features: str, files: list[Path]) -> dict:
     import soundfile as sf
     import torch
 
-    from freqtag import audio
+    from freqtag.audio import decode as audio
+    from freqtag.audio.logmel import LogMel
     from freqtag.features import FeatureSpec
-    from freqtag.melspec import LogMel
-    from freqtag.prepare import _checked
+    from freqtag.prepare.command import _checked
 
     torch.set_num_threads(1)
     spec = FeatureSpec.load(features)
@@ -313,7 +314,7 @@ def profile(features: str, files: list[Path]) -> dict:
 def compare(reference_npy: Path, store: Path, track_id: str) -> float:
     import numpy as np
 
-    from freqtag.store import FeatureStore
+    from freqtag.data.store import FeatureStore
 
     ref = np.load(reference_npy).T
     ours = FeatureStore(store).track(track_id).astype(np.float32)

@@ -7,7 +7,7 @@ clipping (0.25), SGD Nesterov step, on the CPU in 32-bit.
 - ``lightning``: the real stack. The run's config composed by Hydra from
   ``conf/`` (``data=synthetic``, ``data.in_memory=true``, ``data.num_workers=0``,
   ``trainer.precision=32-true``), the DataModule, network, loss and
-  ``TaggingModule`` built from it as ``freqtag.training.run`` builds them, and a
+  ``TaggingModule`` built from it as ``freqtag.train.driver.run`` builds them, and a
   real ``pl.Trainer(...).fit`` (from ``conf/trainer``; logger, checkpointing,
   progress bar, validation and the SWA callback switched off: they act at
   epoch ends, not per step).
@@ -50,7 +50,7 @@ operations of one eager step by phase (each at least one kernel launch on a
 GPU; FreqDepConv in its GPU form), the basis of the README's GPU estimates.
 
 Memory: ``train.py`` keeps freed memory in the process (``keep_freed_memory``,
-``freqtag/allocator.py``); the bench does the same for both methods (one
+``freqtag/system/allocator.py``); the bench does the same for both methods (one
 process) unless ``--malloc default``. With glibc's defaults a step page-faults
 its buffers back in, and how many depends on the order of earlier frees: the
 minor faults per step of each block are recorded.
@@ -88,17 +88,17 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from machine import machine  # bench/machine.py, beside this script
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from freqtag.allocator import keep_freed_memory
-from freqtag.data import JamendoDataModule
+from freqtag.data.datamodule import JamendoDataModule
 from freqtag.features import FeatureSpec
-from freqtag.losses import WeightedBCELoss
 from freqtag.model import FILTERS, FreqTagNet
-from freqtag.module import TaggingModule
-from freqtag.training import build_loss, build_net, resolve_precision, set_n_tags
-from machine import machine  # bench/machine.py, beside this script
+from freqtag.system.allocator import keep_freed_memory
+from freqtag.train.driver import build_loss, build_net, resolve_precision, set_n_tags
+from freqtag.train.losses import WeightedBCELoss
+from freqtag.train.module import TaggingModule
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("lightning", "plain")
@@ -199,7 +199,7 @@ class StepTimer(pl.Callback):
 
 def lightning_block(features: str, length: int, model: str, dm: JamendoDataModule, args: argparse.Namespace,
                     out: Path, variant: str = "eager") -> tuple[list[float], list[int], float, float]:
-    """Hydra compose + instantiate (as freqtag.training.run does) and Trainer.fit for warmup + steps steps.
+    """Hydra compose + instantiate (as freqtag.train.driver.run does) and Trainer.fit for warmup + steps steps.
 
     Returns the step ends, batch sizes, setup seconds and the seconds from the fit's start to step 1's end.
     """

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .jamendo import TASKS
+from freqtag.data.jamendo import TASKS
 
 __all__ = ["main", "COMMANDS", "print_store_info"]
 
@@ -31,7 +31,7 @@ def print_store_info(path: str | Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .store import FeatureStore, store_summary
+    from freqtag.data.store import FeatureStore, store_summary
 
     info = store_summary(FeatureStore(path))
     table = Table(title=f"feature store {info['path']}", show_header=False, title_justify="left")
@@ -89,7 +89,7 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[n
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from .prepare import DEFAULT_MIN_FRAMES, prepare_audio, prepare_npy
+    from freqtag.prepare.command import DEFAULT_MIN_FRAMES, prepare_audio, prepare_npy
 
     if args.workers < 0:
         _error(f"--workers {args.workers}: must be 0 (work in the main process) or more")
@@ -175,7 +175,7 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     import numpy as np
 
-    from .store import FeatureStore
+    from freqtag.data.store import FeatureStore
 
     store = FeatureStore(args.store)
     if args.track not in store:
@@ -202,7 +202,7 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from .synthetic import synthesize
+    from freqtag.data.synthetic import synthesize
 
     options = {k: v for k, v in (("tracks", args.tracks), ("seed", args.seed)) if v is not None}
     synthesize(args.out, features=args.features, **options)
@@ -227,14 +227,14 @@ def run_summary(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .model import layer_table
+    from freqtag.model import layer_table
 
     with initialize_config_module("freqtag.conf", version_base="1.3"):
         cfg = compose("train", overrides=list(args.overrides))
     if cfg.model.get("n_tags") is None:  # training takes it from the tag list; here the task's list, if at hand
         from omegaconf import open_dict
 
-        from .jamendo import MOODTHEME_TAGS, task_tags
+        from freqtag.data.jamendo import MOODTHEME_TAGS, task_tags
 
         task = cfg.data.get("task", "moodtheme")
         try:
@@ -264,13 +264,13 @@ def run_summary(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------- registrations
 
-from .ensemble import add_ensemble_parser, run_ensemble  # noqa: E402  (numpy only: --help stays instant)
-from .submission import add_evaluate_parser, run_evaluate  # noqa: E402
-from .predict import add_predict_parser, run_predict  # noqa: E402  (numpy/soundfile only; torch when run)
-from .export import add_export_parser, run_export  # noqa: E402
-from .embed import add_embed_parser, run_embed  # noqa: E402  (as predict: torch when run)
-from .download.cli import add_download_parser, run_download  # noqa: E402  (stdlib only; rich when run)
-from .serve.command import add_serve_parser, run_serve  # noqa: E402  (stdlib only; torch, starlette when run)
+from freqtag.data.download.cli import add_download_parser, run_download  # noqa: E402  (stdlib only; rich when run)
+from freqtag.scoring.ensemble import add_ensemble_parser, run_ensemble  # noqa: E402  (numpy only: --help stays instant)
+from freqtag.scoring.submission import add_evaluate_parser, run_evaluate  # noqa: E402
+from freqtag.tag.embed import add_embed_parser, run_embed  # noqa: E402  (as predict: torch when run)
+from freqtag.tag.export import add_export_parser, run_export  # noqa: E402
+from freqtag.tag.predict import add_predict_parser, run_predict  # noqa: E402  (numpy/soundfile only; torch when run)
+from freqtag.tag.serve.command import add_serve_parser, run_serve  # noqa: E402  (stdlib only; torch, starlette when run)
 
 # name -> (add parser, run). Later subcommands (summary, predict, ensemble, ...)
 # add one line here and their two functions above.
@@ -299,15 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .quiet import quiet_third_party
+    from freqtag.system.quiet import quiet_third_party
 
     quiet_third_party()
-    from .jamendo import JamendoFormatError
-    from .prepare import PrepareError
-    from .store import StoreError
-
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from freqtag.data.jamendo import JamendoFormatError
+    from freqtag.data.store import StoreError
+    from freqtag.prepare.command import PrepareError
 
     try:
         return int(args.run(args))

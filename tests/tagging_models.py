@@ -14,7 +14,7 @@ from filelock import FileLock
 from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
-from freqtag.training import run
+from freqtag.train.driver import run
 
 TINY = [
     "experiment=demo",

@@ -16,9 +16,9 @@ import numpy as np
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, open_dict
 
-from freqtag import jamendo
+from freqtag.data import jamendo
+from freqtag.data.store import StoreWriter
 from freqtag.features import FeatureSpec
-from freqtag.store import StoreWriter
 
 REPO = Path(__file__).resolve().parents[1]
 FREQTAG = str(Path(sys.executable).parent / "freqtag")
@@ -93,7 +93,7 @@ def make_tiny(root: Path, seed: int = 0, features: str = "mel96", task: str = "m
 
 def config(t: Tiny, out: Path, *overrides: str, store: Path | None = None, splits: Path | None = None,
            tags: Path | None = None) -> DictConfig:  # fmt: skip
-    """The composed config of a tiny run on ``t`` writing to ``out`` (for :func:`freqtag.training.run`)."""
+    """The composed config of a tiny run on ``t`` writing to ``out`` (for :func:`freqtag.train.driver.run`)."""
     with initialize_config_module("freqtag.conf", version_base="1.3"):
         cfg = compose("train", overrides=[
             "experiment=demo", "model=convs", "logger=csv", "data.synthetic=null", "data.input_length=32",

@@ -1,0 +1,1 @@
+"""Audio to features: decoding, resampling, trimming and the recipes' log-mel, one streamed path."""

@@ -1,0 +1,1 @@
+"""`freqtag prepare`: per-track spectrograms or audio files into one feature store."""

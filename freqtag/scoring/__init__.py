@@ -1,0 +1,1 @@
+"""Scores of finished runs: the ensemble and its tables, the MediaEval submission and evaluate."""
