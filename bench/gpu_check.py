@@ -772,7 +772,7 @@ def swa_state(last: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def check_final(run: Path, fig: dict[str, Any], prefix: str) -> None:
     """final.ckpt loads with weights_only=True and has every key; metrics.json holds finite scores."""
-    from freqtag.train.driver import FINAL_KEYS
+    from freqtag.runs import FINAL_KEYS
 
     final = torch.load(run / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
     missing = [k for k in FINAL_KEYS if k not in final]

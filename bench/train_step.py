@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{o['parameters'] / 1e6:5.1f} M parameters: loop {o['loop']}, foreach {o['foreach']}, "
                   f"fused {o['fused']} (load {o['load_avg_1min']})")
     if args.ops:
-        print(f"\nATen operations of one eager step (~ kernel launches on a GPU; FreqDepConv as bmm, foreach clipping)")
+        print("\nATen operations of one eager step (~ kernel launches on a GPU; FreqDepConv as bmm, foreach clipping)")
         for entry in results:
             n_tags = len(dms[(entry["features"], entry["input_length"])].tags)
             entry["ops_per_step"] = ops_per_step(entry["model"], entry["n_mels"], entry["input_length"], n_tags)

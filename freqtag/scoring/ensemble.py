@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freqtag.runs import SPLITS, Predictions, RunFileError, predictions_path, read_predictions
 from freqtag.scoring.submission import write_submission
 from freqtag.system.atomic import atomic_path, atomic_write_text
 from freqtag.train.overrides import WHERE
@@ -52,7 +53,6 @@ __all__ = [
     "run_ensemble",
 ]
 
-SPLITS = ("validation", "test")
 COLUMNS = ("validation_pr_auc", "validation_roc_auc", "test_pr_auc", "test_roc_auc")
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 UNSET = "(default)"  # the value of a key that a run did not override
@@ -61,16 +61,6 @@ SHOWN = 5  # differing runs named in a refusal
 
 class EnsembleError(ValueError):
     """Runs that cannot be ensembled as asked (names the runs, what is wrong and the fix)."""
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """One split's predictions file: rows in split-TSV order, columns in tag-list order."""
-
-    track_ids: np.ndarray  # str (N,)
-    tags: np.ndarray  # str (C,)
-    probs: np.ndarray  # float32 (N, C)
-    targets: np.ndarray  # uint8 (N, C)
 
 
 @dataclass(frozen=True)
@@ -111,7 +101,7 @@ def _is_run(folder: Path) -> bool:
 
 
 def _complete(folder: Path) -> bool:
-    return all((folder / "predictions" / f"{s}.npz").is_file() for s in SPLITS)
+    return all(predictions_path(folder, s).is_file() for s in SPLITS)
 
 
 def find_runs(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
@@ -155,23 +145,16 @@ def read_overrides(run: Path) -> dict[str, str]:
 
 def _load_split(path: Path) -> Predictions:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            p = Predictions(track_ids=z["track_ids"], tags=z["tags"], probs=z["probs"], targets=z["targets"])
-    except (OSError, ValueError, KeyError) as e:
-        raise EnsembleError(f"{path}: not a predictions file with track_ids, tags, probs, targets ({e})") from None
-    n, c = len(p.track_ids), len(p.tags)
-    if p.probs.shape != (n, c) or p.targets.shape != (n, c):
-        raise EnsembleError(
-            f"{path}: probs {p.probs.shape} and targets {p.targets.shape} do not match {n} track ids x {c} tags"
-        )
-    return p
+        return read_predictions(path)
+    except RunFileError as e:
+        raise EnsembleError(str(e)) from None
 
 
 def load_run(path: Path) -> Run:
     return Run(
         path=path,
         overrides=read_overrides(path),
-        predictions={s: _load_split(path / "predictions" / f"{s}.npz") for s in SPLITS},
+        predictions={s: _load_split(predictions_path(path, s)) for s in SPLITS},
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freqtag import runs
 from freqtag.system.atomic import atomic_path, atomic_write_text
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "mediaeval_results",
     "format_results",
     "read_thresholds",
-    "format_thresholds",
     "write_submission",
     "load_predictions",
     "load_ground_truth",
@@ -79,44 +79,12 @@ def format_results(results: dict[str, float]) -> str:
     return "".join(f"{k}\t{v:.6f}\n" for k, v in results.items())
 
 
-def format_thresholds(tags: Sequence[str], thresholds: np.ndarray) -> str:
-    """``tag<TAB>threshold`` lines (a run's checkpoints/thresholds.tsv layout), at full precision.
-
-    A threshold is one of the scores; rounded, it could rise above that score
-    and ``probs >= threshold`` would no longer give the written decisions.
-    """
-    return "".join(f"{t}\t{float(th)!r}\n" for t, th in zip(tags, thresholds))
-
-
 def read_thresholds(path: str | Path, tags: Sequence[str] | None = None) -> np.ndarray:
-    """Per-tag thresholds from a ``tag<TAB>threshold`` file, in ``tags`` order when given."""
-    path = Path(path)
-    if not path.is_file():
-        raise SubmissionError(f"thresholds file {path} does not exist (a run's checkpoints/thresholds.tsv)")
-    names: list[str] = []
-    values: list[float] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        cols = line.split("\t")
-        try:
-            if len(cols) != 2:
-                raise ValueError
-            values.append(float(cols[1]))
-        except ValueError:
-            raise SubmissionError(f"{path}:{lineno}: expected 'tag<TAB>threshold', got {line!r}") from None
-        names.append(cols[0])
-    if tags is None:
-        return np.asarray(values, dtype=np.float64)
-    if sorted(names) != sorted(tags):
-        missing = sorted(set(tags) - set(names))[:3]
-        extra = sorted(set(names) - set(tags))[:3]
-        raise SubmissionError(
-            f"{path} lists {len(names)} tags that are not the {len(tags)} tags of the predictions "
-            f"(missing e.g. {missing}, unknown e.g. {extra}): use the thresholds of the same tag list"
-        )
-    by_name = dict(zip(names, values))
-    return np.asarray([by_name[t] for t in tags], dtype=np.float64)
+    """Per-tag thresholds from a ``tag<TAB>threshold`` file listing exactly ``tags`` (in their order when given)."""
+    try:
+        return runs.read_thresholds(path, tags)
+    except runs.RunFileError as e:
+        raise SubmissionError(str(e)) from None
 
 
 def write_submission(
@@ -139,7 +107,7 @@ def write_submission(
     results = mediaeval_results(predictions, test_targets, decisions, tags)
     atomic_save_npy(out / "predictions.npy", predictions)
     atomic_save_npy(out / "decisions.npy", decisions)
-    atomic_write_text(out / "thresholds.tsv", format_thresholds(tags, thresholds))
+    runs.write_thresholds(out / "thresholds.tsv", tags, thresholds)
     atomic_write_text(out / "results.tsv", format_results(results))
     return results
 
@@ -165,13 +133,10 @@ def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
         raise SubmissionError(f"predictions file {path} does not exist")
     if path.suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise SubmissionError(f"{path}: not a readable predictions .npz ({e})") from None
-        missing = {"probs", "targets", "tags", "track_ids"} - set(data)
-        if missing:
-            raise SubmissionError(f"{path} lacks {sorted(missing)}: expected a run's predictions/<split>.npz")
+            p = runs.read_predictions(path)
+        except runs.RunFileError as e:
+            raise SubmissionError(str(e)) from None
+        data = {"probs": p.probs, "targets": p.targets, "tags": p.tags, "track_ids": p.track_ids}
     else:
         data = {"probs": _load_npy(path, "predictions")}
     probs = data["probs"]

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from freqtag import runs
 from freqtag.features import FeatureSpec
 from freqtag.model import ConvBlock, FreqDepConv, FreqTagNet
 from freqtag.system.precision import evaluation_precision
@@ -73,7 +74,6 @@ RECEPTIVE_FRAMES = 51
 LAYERS = {"fc": "fc", "collapse": "avgpool"}
 #: Default frames per forward pass (the core windows of a chunk): 6.3 min of mel128, 5.8 min of mel96.
 CHUNK_FRAMES = 16384
-REQUIRED_KEYS = ("state_dict", "model", "features", "tags", "input_length", "mean", "std")
 #: FreqTagNet's layers that mix neighbouring frames, in forward order. Each ends in a ReLU (maxpool takes
 #: ReLU outputs), so a zero past a track's end stands for the layer's own zero (or, for max, -inf) padding.
 TIME_MIXING = ("conv1", "conv2", "conv3", "maxpool", "filter1", "filter2", "filter3", "filter4")
@@ -168,20 +168,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_thresholds(path: Path, tags: Sequence[str]) -> np.ndarray:
-    """thresholds.tsv (``tag<TAB>threshold`` per line, tag-list order) as float64 (n_tags,)."""
-    values: dict[str, float] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        try:
-            values[parts[0]] = float(parts[1])
-        except (IndexError, ValueError):
-            raise CheckpointError(f"{path}:{lineno}: expected 'tag<TAB>threshold', got {line!r}") from None
-    missing = [t for t in tags if t not in values]
-    if missing:
-        raise CheckpointError(f"{path}: no threshold for {len(missing)} tags of the checkpoint (e.g. {missing[0]})")
-    return np.array([values[t] for t in tags], dtype=np.float64)
+    """A checkpoint's thresholds.tsv as float64 (n_tags,) in tag-list order."""
+    try:
+        return runs.read_thresholds(path, tags, exact=False)
+    except runs.RunFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 @dataclass
@@ -309,18 +300,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> TaggerMo
         raise CheckpointError(str(e)) from None
     ckpt = resolve_checkpoint(fetched.path)
     try:
-        data = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a final checkpoint"
-        raise CheckpointError(
-            f"{ckpt}: not a freqtag final checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"pass a run directory or its checkpoints/final.ckpt (not last.ckpt)"
-        ) from None
-    if not isinstance(data, dict) or any(k not in data for k in REQUIRED_KEYS):
-        have = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(
-            f"{ckpt}: not a freqtag final checkpoint (needs {', '.join(REQUIRED_KEYS)}; has {have}); "
-            f"pass a run directory or its checkpoints/final.ckpt (not last.ckpt)"
-        )
+        data = runs.read_final(ckpt)
+    except runs.RunFileError as e:
+        raise CheckpointError(str(e)) from None
     spec = FeatureSpec.from_dict(dict(data["features"]))
     try:
         net = instantiate(dict(data["model"]))
@@ -331,7 +313,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> TaggerMo
     net.eval().to(dev)
     if dev.type == "cpu":
         cpu_inference_layout(net)
-    thresholds = fetched.thresholds or ckpt.with_name("thresholds.tsv")
+    thresholds = fetched.thresholds or runs.thresholds_path(ckpt)
     info = {"model": dict(data["model"]), "freqtag_version": data.get("freqtag_version")}
     if fetched.sha256:
         info["sha256"] = fetched.sha256
@@ -363,10 +345,6 @@ def load_models(paths: Sequence[str | Path], device: torch.device | str = "cpu")
     return models
 
 
-def _run_dir(m: TaggerModel) -> Path | None:
-    return m.path.parent.parent if m.path.parent.name == "checkpoints" else None
-
-
 def ensemble_thresholds(models: Sequence[TaggerModel]) -> tuple[np.ndarray, str]:
     """Per-tag decision thresholds for ``--threshold auto`` and where they come from.
 
@@ -389,16 +367,18 @@ def ensemble_thresholds(models: Sequence[TaggerModel]) -> tuple[np.ndarray, str]
 
     preds = []
     for m in models:
-        run = _run_dir(m)
-        f = run / "predictions" / "validation.npz" if run else None
+        run = runs.run_dir_of(m.path)
+        f = runs.predictions_path(run, "validation") if run else None
         if f is None or not f.is_file():
             preds = []
             break
-        with np.load(f) as z:
-            preds.append((list(z["track_ids"]), list(z["tags"]), z["probs"], z["targets"]))
-    if preds and all(p[0] == preds[0][0] and p[1] == models[0].tags for p in preds):
-        probs = np.mean([p[2] for p in preds], axis=0)
-        return best_f1_thresholds(probs, preds[0][3]), "fitted on the ensemble's validation predictions"
+        try:
+            preds.append(runs.read_predictions(f))
+        except runs.RunFileError as e:
+            raise CheckpointError(str(e)) from None
+    if preds and all(list(p.track_ids) == list(preds[0].track_ids) and list(p.tags) == models[0].tags for p in preds):
+        probs = np.mean([p.probs for p in preds], axis=0)
+        return best_f1_thresholds(probs, preds[0].targets), "fitted on the ensemble's validation predictions"
     missing = [m.path for m in models if m.thresholds_file is None]
     if missing:
         raise CheckpointError(

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import hydra
 import numpy as np
@@ -37,9 +36,10 @@ from freqtag.data.jamendo import JamendoFormatError
 from freqtag.data.store import FeatureStore, StoreError
 from freqtag.features import FeatureSpec
 from freqtag.metrics import best_f1_thresholds, tagging_scores
+from freqtag.runs import final_path, predictions_path, thresholds_path, write_final, write_predictions, write_thresholds
 from freqtag.system.allocator import keep_freed_memory
-from freqtag.system.atomic import atomic_path, atomic_write_text
-from freqtag.system.faults import DiskFullError, disk_full, fault_point
+from freqtag.system.atomic import atomic_save, atomic_save_bytes, atomic_write_text
+from freqtag.system.faults import DiskFullError
 from freqtag.system.memory import OutOfMemory, out_of_memory, release_device_memory
 from freqtag.system.precision import evaluation_precision, set_fp32_precision
 from freqtag.system.quiet import quiet_third_party
@@ -50,7 +50,7 @@ from freqtag.train.overrides import ConfigError, check_devices, check_overrides,
 from freqtag.train.swa import SWA, recompute_batchnorm
 
 __all__ = [
-    "run", "main", "build_net", "atomic_save", "AtomicCheckpointIO", "evaluate_tracks", "FINAL_KEYS",
+    "run", "main", "build_net", "atomic_save", "AtomicCheckpointIO", "evaluate_tracks",
     "TrainingDiverged", "ResumeError", "check_resume", "EVAL_BATCH_FRAMES", "TrackBatchSampler", "TrackBatchDataset",
     "check_eval_batch_frames", "check_async_checkpoint",
 ]
@@ -59,61 +59,12 @@ __all__ = [
 #: mel128, the longest single track's pass today, in GPU memory about 1.6 GiB of activations at mel128.
 EVAL_BATCH_FRAMES = 65536
 
-FINAL_KEYS = ("state_dict", "model", "features", "tags", "input_length", "mean", "std", "freqtag_version")
-
-
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN/inf: the run stopped; names the checkpoint that is kept and what to change."""
 
 
 class ResumeError(ValueError):
     """``ckpt_path`` names a checkpoint this run cannot continue (missing, damaged, other tags or features)."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """``write`` into a temporary name, fsync, rename onto ``path``; full disk -> :class:`DiskFullError`."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            write(f)
-            fault_point(f"checkpoint.written:{path.name}")
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        if disk_full(e):
-            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written before"
-            raise DiskFullError(path, kept) from None
-        raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = stale.name[len(path.name) + 2 : -4]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            stale.unlink(missing_ok=True)
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary name, fsync, then rename: never a truncated file under ``path``.
-
-    A full disk raises :class:`DiskFullError` naming the file, with the
-    previous ``path`` untouched and the partial temporary file removed.
-    Temporary files of writers that were killed (their pid is gone) are
-    removed after a successful save, so kills never pile up dead copies.
-    """
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_save_bytes(data: bytes | memoryview, path: str | Path) -> None:
-    """:func:`atomic_save` of an object already serialised by ``torch.save`` (same file, same guarantees)."""
-    _atomic_write(path, lambda f: f.write(data))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -407,17 +358,6 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
     return probs.cpu().numpy()
 
 
-def save_predictions(path: Path, track_ids: tuple[str, ...], tags: list[str], probs: np.ndarray, targets: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(
-            f,
-            track_ids=np.array(track_ids, dtype=str),
-            tags=np.array(tags, dtype=str),
-            probs=probs.astype(np.float32),
-            targets=targets.astype(np.uint8),
-        )
-
-
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
@@ -568,9 +508,9 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
 
     finalize(module, dm, swa, device, trainer.max_epochs)
     writer = rank() == 0  # under DDP every rank evaluates its share; rank 0 writes the run directory
-    final = out / "checkpoints" / "final.ckpt"
+    final = final_path(out)
     if writer:
-        atomic_save(final_checkpoint(module, cfg, dm), final)
+        write_final(final, final_checkpoint(module, cfg, dm))
 
     metrics: dict[str, dict[str, float]] = {}
     for split in ("validation", "test"):
@@ -579,10 +519,10 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
         metrics[split] = tagging_scores(probs, d.split.labels)
         if not writer:
             continue
-        save_predictions(out / "predictions" / f"{split}.npz", d.split.track_ids, dm.tags, probs, d.split.labels)
+        write_predictions(predictions_path(out, split), d.split.track_ids, dm.tags, probs, d.split.labels)
         if split == "validation":
             thresholds = best_f1_thresholds(probs, d.split.labels)
-            atomic_write_text(final.with_name("thresholds.tsv"), "".join(f"{t}\t{float(th)!r}\n" for t, th in zip(dm.tags, thresholds)))
+            write_thresholds(thresholds_path(final), dm.tags, thresholds)
     if not writer:
         return metrics
     prefix = {"validation": "val", "test": "test"}

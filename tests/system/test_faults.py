@@ -31,8 +31,8 @@ from freqtag.data.store import FeatureStore, StoreWriter
 from freqtag.features import FeatureSpec
 from freqtag.prepare.command import read_report, report_path
 from freqtag.system import faults
+from freqtag.system.atomic import atomic_save
 from freqtag.system.faults import FAULT_ENV, DiskFullError
-from freqtag.train.driver import atomic_save
 
 MEL96 = FeatureSpec.load("mel96")
 # every step of a prepare run where a kill leaves something different on disk
@@ -252,7 +252,7 @@ REAL_DISK = textwrap.dedent(
     import json, subprocess, sys, torch
     from pathlib import Path
     from freqtag.system.faults import DiskFullError
-    from freqtag.train.driver import atomic_save
+    from freqtag.system.atomic import atomic_save
 
     mnt, freqtag, npy, splits, tags, result = sys.argv[1:]
     mnt, seen = Path(mnt), {}

@@ -27,7 +27,6 @@ from freqtag.data.store import FeatureStore
 from freqtag.metrics import best_f1_thresholds
 from freqtag.tag.models import load_model, read_thresholds
 from freqtag.tag.predict import main, tag_file
-from freqtag.train.module import track_probabilities
 
 REPO = Path(__file__).resolve().parents[2]
 CLIPS = REPO.parent / "shared" / "data" / "audio"

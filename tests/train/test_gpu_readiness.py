@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import io
 import json
-import sys
 import tracemalloc
 import weakref
 from contextlib import redirect_stderr
@@ -33,7 +32,7 @@ from freqtag.data.store import FeatureStore
 from freqtag.model import FreqTagNet
 from freqtag.system import memory
 from freqtag.system.memory import OutOfMemory, check_fits, out_of_memory
-from freqtag.system.precision import device_tolerance, evaluation_precision, fp32_precision, set_fp32_precision
+from freqtag.system.precision import device_tolerance, fp32_precision, set_fp32_precision
 from freqtag.tag.models import load_model
 from freqtag.train.driver import evaluate_tracks, resolve_precision, run, user_error
 from freqtag.train.swa import SWA

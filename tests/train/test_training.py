@@ -19,7 +19,8 @@ from omegaconf import DictConfig, open_dict
 from freqtag.data.datamodule import JamendoDataModule
 from freqtag.features import FeatureSpec
 from freqtag.metrics import tagging_scores
-from freqtag.train.driver import FINAL_KEYS, build_net, evaluate_tracks, run
+from freqtag.runs import FINAL_KEYS
+from freqtag.train.driver import build_net, evaluate_tracks, run
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [

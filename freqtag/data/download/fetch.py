@@ -11,7 +11,6 @@ import hashlib
 import http.client
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
