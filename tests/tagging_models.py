@@ -1,6 +1,6 @@
 """Two tiny trained checkpoints (mel96 and mel128) for the tagging tests, trained once per test session.
 
-Composed from the real configs and shrunk as tests/test_training.py does; both
+Composed from the real configs and shrunk by helpers.compose_tiny, as every tiny run; both
 test modules call :func:`trained_runs`, which trains into the session's base
 temporary folder the first time and reuses the runs after that.
 """
@@ -11,33 +11,17 @@ import os
 from pathlib import Path
 
 from filelock import FileLock
-from hydra import compose, initialize_config_module
-from omegaconf import open_dict
+from helpers import compose_tiny
 
 from freqtag.train.driver import run
-
-TINY = [
-    "experiment=demo",
-    "data.synthetic.tracks=300",
-    "data.input_length=32",
-    "data.batch_size=16",
-    "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=4",
-    "trainer.limit_val_batches=2",
-    "logger=csv",
-    "model=convs",
-]
 
 
 def train_tiny(out: Path, features: str) -> Path:
     """A finished run directory (final.ckpt, thresholds.tsv, predictions) of a tiny model on synthetic data."""
-    with initialize_config_module("freqtag.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, f"features={features}"])
-    with open_dict(cfg):
-        cfg.paths.data_dir = str(out / f"data-{features}")
-        cfg.paths.output_dir = str(out / f"run-{features}")
-    run(cfg)
-    return out / f"run-{features}"
+    run_dir = out / f"run-{features}"
+    run(compose_tiny(run_dir, "+trainer.limit_train_batches=4", "model=convs", f"features={features}",
+                     data_dir=out / f"data-{features}"))  # fmt: skip
+    return run_dir
 
 
 def trained_runs(tmp_path_factory) -> dict[str, Path]:  # type: ignore[no-untyped-def]

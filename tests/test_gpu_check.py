@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 STAGES = ["env", "synth", "train_step", "loader", "short_run", "grid", "ddp", "prepare", "predict"]
 
 

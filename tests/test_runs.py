@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CLIPS
 
 from freqtag import runs
 from freqtag.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_layout_run"
-CLIPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "audio"
 
 
 @pytest.fixture

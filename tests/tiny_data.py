@@ -13,15 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_module
+from helpers import FREQTAG, REPO, compose_tiny, tiny_overrides  # noqa: F401  (FREQTAG: for the tests that import it from here)
 from omegaconf import DictConfig, open_dict
 
 from freqtag.data import jamendo
 from freqtag.data.store import StoreWriter
 from freqtag.features import FeatureSpec
 
-REPO = Path(__file__).resolve().parents[1]
-FREQTAG = str(Path(sys.executable).parent / "freqtag")
 TAGS = list(jamendo.MOODTHEME_TAGS)
 COUNTS = {"train": 24, "validation": 8, "test": 8}
 
@@ -36,13 +34,14 @@ class Tiny:
     order: list[str]
 
     def train_args(self, run_dir: Path, *extra: str, store: Path | None = None) -> list[str]:
-        """`python train.py` on this dataset: the demo recipe shrunk to seconds."""
-        return [
-            sys.executable, str(REPO / "train.py"), "experiment=demo", "model=convs", "logger=csv",
-            "data.synthetic=null", f"data.store={store or self.store}", f"data.splits_dir={self.splits}",
-            f"data.tags_file={self.tags}", "data.input_length=32", "data.batch_size=8", "trainer.max_epochs=2",
-            f"hydra.run.dir={run_dir}", f"paths.data_dir={self.root / 'unused'}", *extra,
-        ]  # fmt: skip
+        """`python train.py` on this dataset: the tiny run (helpers.tiny_overrides) on these files."""
+        return [sys.executable, str(REPO / "train.py"), *tiny_overrides(*self.overrides(store), *extra),
+                f"hydra.run.dir={run_dir}", f"paths.data_dir={self.root / 'unused'}"]  # fmt: skip
+
+    def overrides(self, store: Path | None = None) -> list[str]:
+        """This dataset instead of the synthetic one, batches of 8, two epochs."""
+        return ["model=convs", "data.synthetic=null", f"data.store={store or self.store}", f"data.splits_dir={self.splits}",
+                f"data.tags_file={self.tags}", "data.batch_size=8", "trainer.max_epochs=2"]  # fmt: skip
 
 
 def make_tiny(root: Path, seed: int = 0, features: str = "mel96", task: str = "moodtheme",
@@ -94,16 +93,10 @@ def make_tiny(root: Path, seed: int = 0, features: str = "mel96", task: str = "m
 def config(t: Tiny, out: Path, *overrides: str, store: Path | None = None, splits: Path | None = None,
            tags: Path | None = None) -> DictConfig:  # fmt: skip
     """The composed config of a tiny run on ``t`` writing to ``out`` (for :func:`freqtag.train.driver.run`)."""
-    with initialize_config_module("freqtag.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=demo", "model=convs", "logger=csv", "data.synthetic=null", "data.input_length=32",
-            "data.batch_size=8", "trainer.max_epochs=2", f"features={t.store.stem}", *overrides,
-        ])  # fmt: skip
+    cfg = compose_tiny(out, *t.overrides(store), f"features={t.store.stem}", *overrides)
     with open_dict(cfg):
-        cfg.data.store = str(store or t.store)
         cfg.data.splits_dir = str(splits or t.splits)
         cfg.data.tags_file = str(tags or t.tags)
-        cfg.paths.output_dir = str(out)
     return cfg
 
 

@@ -40,8 +40,9 @@ from freqtag.data.download.state import STATE_NAME
 from freqtag.system import faults
 
 DATASET, TYPE = "autotagging_moodtheme", "melspecs"
-FREQTAG = str(Path(sys.executable).parent / "freqtag")
-SHARED_LISTS = Path(__file__).parents[2].parent / "shared" / "data" / "mtg-jamendo" / "download"
+from helpers import FREQTAG, SHARED
+
+SHARED_LISTS = SHARED / "mtg-jamendo" / "download"
 
 
 # ----------------------------------------------------------------------- the mirror

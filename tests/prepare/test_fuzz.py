@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import FREQTAG
 from tiny_data import config, make_tiny
 
 from freqtag.audio.decode import features_from_file
@@ -25,7 +25,6 @@ from freqtag.features import FeatureSpec
 from freqtag.prepare.command import read_report, report_path
 from freqtag.train.driver import run
 
-FREQTAG = str(Path(sys.executable).parent / "freqtag")
 FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3"}
 KINDS = ("random", "truncated", "damaged", "mislabelled", "header+junk", "not-audio", "empty")
 

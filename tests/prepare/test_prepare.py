@@ -10,15 +10,13 @@ import textwrap
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
+from helpers import assert_same_store, freqtag
 
 from freqtag.data.store import FeatureStore
 from freqtag.prepare.command import PrepareError, npy_jobs, prepare_npy, read_report, read_split_dir, report_path
 
-BIN = Path(sys.executable).parent
-FREQTAG = str(BIN / "freqtag")
 COUNTS = {"train": 40, "validation": 10, "test": 10}
 # (split, row in our small TSV) -> what is wrong with its file, and the reason's key words
 BAD = {
@@ -80,29 +78,6 @@ class Tree:
             "prepare", "--npy-dir", str(self.npy), "--splits", str(splits or self.splits),
             "--out", str(out), "--tags", str(self.tags), "--no-progress", *extra,
         ]  # fmt: skip
-
-
-def freqtag(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([FREQTAG, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def store_contents(path: Path) -> dict:
-    """Everything a store holds, for equality checks."""
-    with h5py.File(path, "r") as f:
-        return {
-            "ids": [s.decode() for s in f["tracks/id"][()]],
-            "offset": f["tracks/offset"][()].tolist(),
-            "length": f["tracks/length"][()].tolist(),
-            "features": f["features"][()],
-            "attrs": {k: f.attrs[k] for k in f.attrs},
-        }
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    x, y = store_contents(a), store_contents(b)
-    assert x["ids"] == y["ids"] and x["offset"] == y["offset"] and x["length"] == y["length"]
-    np.testing.assert_array_equal(x["features"], y["features"])
-    assert x["attrs"] == y["attrs"]
 
 
 @pytest.fixture(scope="module")

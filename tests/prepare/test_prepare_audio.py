@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_prepare import assert_same_store  # the same store-equality check as the npy import
+from helpers import assert_same_store, freqtag  # the same store-equality check as the npy import
 
 from freqtag.audio.decode import features_from_file
 from freqtag.data import jamendo
@@ -33,7 +33,6 @@ from freqtag.prepare.command import (
     report_path,
 )
 
-FREQTAG = str(Path(sys.executable).parent / "freqtag")
 MEL128 = FeatureSpec.load("mel128")
 MEL96 = FeatureSpec.load("mel96")
 
@@ -91,10 +90,6 @@ def clips(shared_data: Path) -> Path:
 @pytest.fixture(scope="module")
 def audio_dir(tmp_path_factory: pytest.TempPathFactory, clips: Path) -> Path:
     return make_audio_dir(tmp_path_factory.mktemp("audio") / "music", clips)
-
-
-def freqtag(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([FREQTAG, *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

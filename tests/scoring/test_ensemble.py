@@ -4,45 +4,23 @@ tables, results.tsv against scikit-learn, refusals, and the --groups rebuild of 
 from __future__ import annotations
 
 import csv
-import io
 import os
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import REPO, freqtag
+from known_runs import BAD, GOOD, KNOWN_RUNS, SPLITS, T, make_run
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
-from freqtag.cli import main
 from freqtag.data.jamendo import MOODTHEME_TAGS
 from freqtag.scoring.submission import RESULT_METRICS
 
-REPO = Path(__file__).resolve().parents[2]
-FREQTAG = str(Path(sys.executable).parent / "freqtag")
-SPLITS = ("validation", "test")
-
-
-def freqtag(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """`freqtag ARGS` through ``freqtag.cli.main`` in this process (torch is imported once for all tests)."""
-    out, err, old = io.StringIO(), io.StringIO(), os.getcwd()
-    try:
-        os.chdir(cwd or old)
-        with redirect_stdout(out), redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as e:  # argparse usage errors
-                code = int(e.code or 0)
-    finally:
-        os.chdir(old)
-    return subprocess.CompletedProcess(["freqtag", *map(str, args)], code, out.getvalue(), err.getvalue())
-
-
-def freqtag_command(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """The installed `freqtag` console script, in a subprocess."""
-    return subprocess.run([FREQTAG, *map(str, args)], capture_output=True, text=True)
+cli = partial(freqtag, in_process=True)  # `freqtag ARGS` in this process: torch is imported once for all tests
 
 
 def read_table(path: Path) -> dict[str, dict[str, float]]:
@@ -59,31 +37,7 @@ def sk_scores(probs: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
     return average_precision_score(targets, probs, average="macro"), roc_auc_score(targets, probs, average="macro")
 
 
-def make_run(folder: Path, overrides: list[str], probs: dict[str, np.ndarray], targets: dict[str, np.ndarray],
-             tags: list[str] | None = None, track_ids: dict[str, list[str]] | None = None) -> Path:  # fmt: skip
-    """A run directory in the training layout, holding only what the ensemble reads."""
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (folder / "predictions").mkdir()
-    for split in SPLITS:
-        n, c = targets[split].shape
-        ids = track_ids[split] if track_ids else [f"track_{split}_{i:04d}" for i in range(n)]
-        np.savez(folder / "predictions" / f"{split}.npz", track_ids=np.array(ids, dtype=str),
-                 tags=np.array(tags or list(MOODTHEME_TAGS[:c]), dtype=str),
-                 probs=probs[split].astype(np.float32), targets=targets[split].astype(np.uint8))  # fmt: skip
-    return folder
-
-
 # --------------------------------------------- (b) hand-built runs whose table is known
-
-T = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=np.uint8)  # 4 tracks x 2 tags, 2 positives per tag
-# distinct, exactly representable scores: GOOD ranks every positive first (PR-AUC = ROC-AUC = 1); BAD = 1 - GOOD
-# ranks every positive last (ROC-AUC 0, PR-AUC (1/3 + 2/4) / 2 = 5/12); (GOOD + BAD) / 2 = 0.5 exactly (chance)
-GOOD = np.array([[0.875, 0.25], [0.75, 0.875], [0.25, 0.75], [0.125, 0.125]], dtype=np.float32)
-BAD = 1 - GOOD
-# (model, loss) -> validation scores; test swaps GOOD and BAD
-KNOWN_RUNS = {("convs", "bce"): GOOD, ("convs", "weighted"): GOOD, ("freq_dep", "bce"): BAD, ("freq_dep", "weighted"): GOOD}
-
 
 @pytest.fixture()
 def known_runs(tmp_path) -> Path:
@@ -96,7 +50,7 @@ def known_runs(tmp_path) -> Path:
 
 
 def test_known_table(known_runs, tmp_path):
-    res = freqtag("ensemble", known_runs, "--out", tmp_path / "out")
+    res = cli("ensemble", known_runs, "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     table = read_table(tmp_path / "out" / "table.csv")
     # keys that vary: model, loss; experiment is the same everywhere, paths.* says where a run lived
@@ -126,7 +80,7 @@ def test_known_table(known_runs, tmp_path):
 
 
 def test_select_restricts_the_runs(known_runs, tmp_path):
-    res = freqtag("ensemble", known_runs, "--select", "model=freq_dep", "--out", tmp_path / "out")
+    res = cli("ensemble", known_runs, "--select", "model=freq_dep", "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     table = read_table(tmp_path / "out" / "table.csv")
     assert list(table) == ["loss=bce", "loss=weighted", "ensemble"]  # model no longer varies
@@ -136,7 +90,7 @@ def test_select_restricts_the_runs(known_runs, tmp_path):
 
 def test_a_key_some_runs_leave_unset(known_runs, tmp_path):
     make_run(known_runs / "4", ["model=convs", "experiment=ablation"], {"validation": GOOD, "test": GOOD}, {"validation": T, "test": T})
-    res = freqtag("ensemble", known_runs, "--out", tmp_path / "out")
+    res = cli("ensemble", known_runs, "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     table = read_table(tmp_path / "out" / "table.csv")
     assert list(table) == ["model=convs", "model=freq_dep", "loss=bce", "loss=weighted", "loss=(default)", "ensemble"]
@@ -145,10 +99,10 @@ def test_a_key_some_runs_leave_unset(known_runs, tmp_path):
 
 def test_evaluate_our_npz(known_runs):
     run = known_runs / "0" / "predictions"
-    res = freqtag("evaluate", run / "validation.npz")  # the targets are in the file
+    res = cli("evaluate", run / "validation.npz")  # the targets are in the file
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[:2] == ["ROC-AUC-macro\t1.000000", "PR-AUC-macro\t1.000000"]
-    res = freqtag("evaluate", run / "validation.npz", run / "test.npz")
+    res = cli("evaluate", run / "validation.npz", run / "test.npz")
     assert res.returncode == 1
     assert "differ in their track ids (row 0: 'track_validation_0000' vs 'track_test_0000')" in res.stderr
 
@@ -159,7 +113,7 @@ def test_evaluate_our_npz(known_runs):
     ("model", "'model' is not KEY=VALUE"),
 ])  # fmt: skip
 def test_bad_selection_is_one_line(known_runs, tmp_path, select, message):
-    res = freqtag("ensemble", known_runs, "--select", select, "--out", tmp_path / "out")
+    res = cli("ensemble", known_runs, "--select", select, "--out", tmp_path / "out")
     assert res.returncode == 1 and res.stderr.count("\n") == 1
     assert message in res.stderr
 
@@ -190,7 +144,7 @@ def random_runs(tmp_path_factory) -> tuple[Path, dict, list[dict]]:
 def test_results_tsv_matches_scikit_learn(random_runs):
     tmp, targets, runs = random_runs
     out = tmp / "out"
-    res = freqtag("ensemble", tmp / "sweep", "--out", out)
+    res = cli("ensemble", tmp / "sweep", "--out", out)
     assert res.returncode == 0, res.stderr
     sub = out / "submission"
     mean = {s: np.mean([r[s].astype(np.float64) for r in runs], axis=0) for s in SPLITS}
@@ -238,15 +192,15 @@ def test_results_tsv_matches_scikit_learn(random_runs):
 
     # freqtag evaluate on the MediaEval files prints (and writes) the same lines
     np.save(tmp / "groundtruth.npy", y.astype(bool))
-    ev = freqtag("evaluate", sub / "predictions.npy", tmp / "groundtruth.npy",
+    ev = cli("evaluate", sub / "predictions.npy", tmp / "groundtruth.npy",
                  "--decisions", sub / "decisions.npy", "--out", tmp / "results.tsv")  # fmt: skip
     assert ev.returncode == 0, ev.stderr
     assert ev.stdout == text == (tmp / "results.tsv").read_text()
     # and with thresholds instead of decisions
-    ev = freqtag("evaluate", sub / "predictions.npy", tmp / "groundtruth.npy", "--thresholds", sub / "thresholds.tsv")
+    ev = cli("evaluate", sub / "predictions.npy", tmp / "groundtruth.npy", "--thresholds", sub / "thresholds.tsv")
     assert ev.stdout == text
     # without decisions: the four AUC lines
-    ev = freqtag("evaluate", sub / "predictions.npy", tmp / "groundtruth.npy")
+    ev = cli("evaluate", sub / "predictions.npy", tmp / "groundtruth.npy")
     assert [line.split("\t")[0] for line in ev.stdout.splitlines()] == ["ROC-AUC-macro", "PR-AUC-macro", "ROC-AUC-micro", "PR-AUC-micro"]
 
 
@@ -258,7 +212,7 @@ def test_results_tsv_matches_scikit_learn(random_runs):
 def test_evaluate_errors_are_one_line(random_runs, args, message):
     tmp, targets, _ = random_runs
     np.save(tmp / "validation.npy", targets["validation"])  # the wrong split for test predictions
-    res = freqtag("evaluate", *args, cwd=tmp)
+    res = cli("evaluate", *args, cwd=tmp)
     assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
     assert message in res.stderr
 
@@ -284,7 +238,7 @@ def test_mismatched_runs_are_refused(known_runs, tmp_path, change, what):
     else:
         z = {k: v[:3] if k != "tags" else v for k, v in z.items()}
     np.savez(odd, **z)
-    res = freqtag("ensemble", known_runs, "--out", tmp_path / "out", cwd=tmp_path)
+    res = cli("ensemble", known_runs, "--out", tmp_path / "out", cwd=tmp_path)
     assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
     assert f"sweep/3 vs sweep/0: {what}" in res.stderr
     assert "cannot ensemble runs that predict different data" in res.stderr and "data.splits_dir" in res.stderr
@@ -294,16 +248,16 @@ def test_mismatched_runs_are_refused(known_runs, tmp_path, change, what):
 def test_unfinished_runs_are_named_and_can_be_skipped(known_runs, tmp_path):
     (known_runs / "4" / ".hydra").mkdir(parents=True)
     (known_runs / "4" / ".hydra" / "overrides.yaml").write_text("- model=convs\n- loss=focal\n")
-    res = freqtag("ensemble", known_runs, "--out", tmp_path / "out", cwd=tmp_path)
+    res = cli("ensemble", known_runs, "--out", tmp_path / "out", cwd=tmp_path)
     assert res.returncode == 1 and "1 run(s) have no predictions" in res.stderr and "sweep/4" in res.stderr
     assert "--skip-unfinished" in res.stderr
-    res = freqtag("ensemble", known_runs, "--out", tmp_path / "out", "--skip-unfinished", cwd=tmp_path)
+    res = cli("ensemble", known_runs, "--out", tmp_path / "out", "--skip-unfinished", cwd=tmp_path)
     assert res.returncode == 0 and "skipping 1 unfinished run(s): sweep/4" in res.stderr
     assert read_table(tmp_path / "out" / "table.csv")["ensemble"]["runs"] == 4
 
 
 def test_no_runs_is_one_line(tmp_path):
-    res = freqtag_command("ensemble", tmp_path)
+    res = freqtag("ensemble", tmp_path)
     assert res.returncode == 1 and "holds no run" in res.stderr and res.stderr.count("\n") == 1
 
 
@@ -321,7 +275,7 @@ def test_groups_rebuild_the_original_submission(tmp_path):
         probs = {s: rng.random(t.shape).astype(np.float32) for s, t in targets.items()}
         make_run(tmp_path / "sweep" / str(i), [f"model={model}", f"features={features}", f"loss={loss}"], probs, targets)
         runs[model, features, loss] = {s: p.astype(np.float64) for s, p in probs.items()}
-    res = freqtag("ensemble", tmp_path / "sweep", "--out", tmp_path / "out",
+    res = cli("ensemble", tmp_path / "sweep", "--out", tmp_path / "out",
                   "--groups", "model=convs,features=mel96", "model=freq_dep,features=mel128")  # fmt: skip
     assert res.returncode == 0, res.stderr
     convs96 = {s: np.mean([p[s] for k, p in runs.items() if k[:2] == ("convs", "mel96")], axis=0) for s in SPLITS}
@@ -339,7 +293,7 @@ def test_groups_rebuild_the_original_submission(tmp_path):
     got = read_results(tmp_path / "out" / "submission" / "results.tsv")
     assert got["PR-AUC-macro"] == pytest.approx(sk_scores(submission["test"], targets["test"])[0], abs=5.1e-7)
     # a group that matches no run is refused, naming it
-    res = freqtag("ensemble", tmp_path / "sweep", "--out", tmp_path / "x", "--groups", "model=freq_dep,features=mel96")
+    res = cli("ensemble", tmp_path / "sweep", "--out", tmp_path / "x", "--groups", "model=freq_dep,features=mel96")
     assert res.returncode == 1 and "--groups model=freq_dep,features=mel96" in res.stderr
 
 
@@ -383,7 +337,7 @@ def test_tiny_grid_overrides(tiny_grid):
 
 @pytest.mark.slow
 def test_tiny_grid_ensemble(tiny_grid, tmp_path):
-    res = freqtag_command("ensemble", tiny_grid, "--out", tmp_path / "out")
+    res = freqtag("ensemble", tiny_grid, "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     assert "4 runs" in res.stdout and "| ensemble | 4 |" in res.stdout
     table = read_table(tmp_path / "out" / "table.csv")
@@ -410,7 +364,7 @@ def test_evaluate_a_run_against_its_split_tsv(tiny_grid, tmp_path):
     """Our predictions .npz scored against the split TSV, decisions from the run's validation thresholds."""
     run = tiny_grid / "2"
     tsv = next((tiny_grid.parent / "data").rglob("autotagging_moodtheme-test.tsv"))
-    res = freqtag("evaluate", run / "predictions" / "test.npz", tsv, "--thresholds", run / "checkpoints" / "thresholds.tsv",
+    res = cli("evaluate", run / "predictions" / "test.npz", tsv, "--thresholds", run / "checkpoints" / "thresholds.tsv",
                   "--out", tmp_path / "results.tsv")  # fmt: skip
     assert res.returncode == 0, res.stderr
     z = np.load(run / "predictions" / "test.npz")

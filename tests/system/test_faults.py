@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_prepare import assert_same_store
+from helpers import assert_same_store
 from tiny_data import FREQTAG, Tiny, make_tiny, run
 
 from freqtag.data.store import FeatureStore, StoreWriter

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CLIPS as CLIPS_DIR
 from tagging_models import trained_runs
 
 from freqtag.audio.decode import features_from_file
@@ -20,7 +21,6 @@ from freqtag.cli import main as freqtag_main
 from freqtag.tag.models import LAYERS, load_model
 from freqtag.tag.predict import tag_file
 
-CLIPS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "audio"
 CLIPS = [CLIPS_DIR / "vibe_ace.ogg", CLIPS_DIR / "house_lo.mp3"]
 
 

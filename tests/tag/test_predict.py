@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import REPO
 from tagging_models import trained_runs
 
 from freqtag.audio import stream as audiostream
@@ -28,7 +29,6 @@ from freqtag.metrics import best_f1_thresholds
 from freqtag.tag.models import load_model, read_thresholds
 from freqtag.tag.predict import main, tag_file
 
-REPO = Path(__file__).resolve().parents[2]
 CLIPS = REPO.parent / "shared" / "data" / "audio"
 N_TAGS = 56
 

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import REPO
 
 from freqtag.cli import main as freqtag_main
 from freqtag.data.jamendo import MOODTHEME_TAGS, short_tag
@@ -37,7 +38,6 @@ from freqtag.features import FeatureSpec
 from freqtag.model import FreqTagNet
 from freqtag.tag.serve.app import STATIC_DIR
 
-REPO = Path(__file__).resolve().parents[2]
 CLIPS = REPO.parent / "shared" / "data" / "audio"
 CLIP, SHORT = CLIPS / "vibe_ace.ogg", CLIPS / "house_lo.mp3"
 LIMIT_MB = 2

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import REPO, tiny_overrides
 from hydra import compose, initialize_config_module
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -201,10 +202,9 @@ def test_no_gpu_is_a_clear_error(monkeypatch):
 def test_joblib_gpu_grid_runs_two_jobs_on_one_gpu(tmp_path):
     """jobs_per_gpu=2 on one pretend GPU "3": two workers share it, every job pinned to it."""
     sweep = tmp_path / "sweep"
-    args = [sys.executable, str(Path(__file__).resolve().parents[2] / "train.py"), "-m", "experiment=demo",
-            "data.synthetic.tracks=300", "data.input_length=32", "data.batch_size=16", "trainer.max_epochs=1",
+    args = [sys.executable, str(REPO / "train.py"), "-m", *tiny_overrides(
             "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "model=convs",
-            "loss=bce,weighted,focal", "logger.name=gpu${oc.env:CUDA_VISIBLE_DEVICES}", f"paths.data_dir={tmp_path / 'data'}",
+            "loss=bce,weighted,focal", "logger.name=gpu${oc.env:CUDA_VISIBLE_DEVICES}"), f"paths.data_dir={tmp_path / 'data'}",
             "hydra/launcher=joblib_gpu", "jobs_per_gpu=2", f"hydra.sweep.dir={sweep}"]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3", "WANDB_MODE": "disabled"}
     res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env)
@@ -223,10 +223,9 @@ def test_joblib_gpu_grid_pins_every_job_to_one_gpu(tmp_path):
     run directories show which GPU every job was pinned to.
     """
     sweep = tmp_path / "sweep"
-    args = [sys.executable, str(Path(__file__).resolve().parents[2] / "train.py"), "-m", "experiment=demo",
-            "data.synthetic.tracks=300", "data.input_length=32", "data.batch_size=16", "trainer.max_epochs=1",
+    args = [sys.executable, str(REPO / "train.py"), "-m", *tiny_overrides(
             "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "model=convs",
-            "loss=bce,weighted,focal", "logger.name=gpu${oc.env:CUDA_VISIBLE_DEVICES}", f"paths.data_dir={tmp_path / 'data'}",
+            "loss=bce,weighted,focal", "logger.name=gpu${oc.env:CUDA_VISIBLE_DEVICES}"), f"paths.data_dir={tmp_path / 'data'}",
             "hydra/launcher=joblib_gpu", f"hydra.sweep.dir={sweep}"]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5", "WANDB_MODE": "disabled"}
     res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env)

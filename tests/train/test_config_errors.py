@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from freqtag.train.overrides import ConfigError, check_devices, check_overrides, group_options
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

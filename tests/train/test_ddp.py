@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_training import SMALL as TRAINING_SMALL
+from helpers import REPO, tiny_overrides
 
 from freqtag.data.datamodule import JamendoDataModule
 from freqtag.features import FeatureSpec
 from freqtag.train.driver import build_net, evaluate_tracks
 
-REPO = Path(__file__).resolve().parents[2]
-SMALL = [*TRAINING_SMALL, "trainer=ddp_cpu", "trainer.devices=2"]  # the single-process run, on 2 CPU processes
+SMALL = tiny_overrides("trainer.max_epochs=3", "trainer=ddp_cpu", "trainer.devices=2")  # the single-process run, on 2 CPU processes
 
 
 def train_args(data_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, tiny_overrides
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, open_dict
 
@@ -22,16 +23,7 @@ from freqtag.metrics import tagging_scores
 from freqtag.runs import FINAL_KEYS
 from freqtag.train.driver import build_net, evaluate_tracks, run
 
-REPO = Path(__file__).resolve().parents[2]
-SMALL = [
-    "experiment=demo",
-    "data.synthetic.tracks=300",
-    "data.input_length=32",
-    "data.batch_size=16",
-    "trainer.max_epochs=3",
-    "trainer.limit_val_batches=2",
-    "logger=csv",
-]
+SMALL = tiny_overrides("trainer.max_epochs=3")  # the tiny run, 3 epochs
 
 
 def config(tmp: Path, *overrides: str) -> DictConfig:

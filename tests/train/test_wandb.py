@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_training import SMALL as TRAINING_SMALL
 
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2", reason="wandb is not installed")
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import FREQTAG, REPO, tiny_overrides
+
 # the tiny run of test_training, 2 epochs, logged to W&B (same order: the run's name is checked)
-SMALL = [{"trainer.max_epochs=3": "trainer.max_epochs=2", "logger=csv": "logger=wandb"}.get(o, o) for o in TRAINING_SMALL]
+SMALL = tiny_overrides("trainer.max_epochs=2", "logger=wandb")
 BLOCK = 32768  # W&B's transaction log: LevelDB-style blocks of length-prefixed chunks after a 7-byte header
 
 
@@ -125,7 +125,7 @@ def test_disabled_mode_trains_and_writes_no_run(data_dir, tmp_path):
 
 def test_ensemble_logs_its_table_to_the_group(tmp_path):
     """`freqtag ensemble --wandb`: a wandb.Table, the plot and the submission figures in the sweep's group."""
-    from test_ensemble import BAD, GOOD, KNOWN_RUNS, T, make_run
+    from known_runs import BAD, GOOD, KNOWN_RUNS, T, make_run
 
     sweep = tmp_path / "multirun" / "2026-11-24" / "07-30-00"
     for i, ((model, loss), val) in enumerate(KNOWN_RUNS.items()):
@@ -133,7 +133,7 @@ def test_ensemble_logs_its_table_to_the_group(tmp_path):
                  {"validation": T, "test": T})
     out = tmp_path / "out"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    res = subprocess.run([str(Path(sys.executable).parent / "freqtag"), "ensemble", str(sweep), "--out", str(out), "--wandb"],
+    res = subprocess.run([FREQTAG, "ensemble", str(sweep), "--out", str(out), "--wandb"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     run = offline_run(out)
