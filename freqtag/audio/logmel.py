@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from freqtag.audio.decode import one_torch_thread
+from freqtag.audio.threads import one_torch_thread
 from freqtag.features import FeatureSpec
 
 __all__ = ["LogMel", "mel_filterbank", "analysis_window", "BLOCK_FRAMES"]

@@ -40,247 +40,28 @@ silent, too short).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import soundfile as sf
-import torch
 
-from freqtag.audio.decode import (
-    SILENCE_RMS,
-    TRIM_FRAME_LENGTH,
-    TRIM_HOP_LENGTH,
-    AudioError,
-    _decoder_error,
-    _interval,
-    check_audio_path,
-    linear_count,
-    linear_outputs,
-    linear_step,
-    one_torch_thread,
-    to_mono,
-)
+from freqtag.audio.decode import DECODE_BLOCK, AudioError, decoded_blocks
 from freqtag.audio.logmel import LogMel
+from freqtag.audio.loudness import SilenceScan
+from freqtag.audio.resample import BlockResampler, LinearBlockResampler, Signal, block_resampler
 from freqtag.features import FeatureSpec
 
-__all__ = [
-    "BlockResampler",
-    "LinearBlockResampler",
-    "block_resampler",
-    "BlockLogMel",
-    "SilenceScan",
-    "FileFeatures",
-    "stream_features",
-    "DECODE_BLOCK",
-    "REPLAY_SAMPLES",
-]
+__all__ = ["BlockLogMel", "FileFeatures", "stream_features", "REPLAY_SAMPLES", "FEATURE_SEGMENT"]
 
-DECODE_BLOCK = 1 << 18  # sample frames per read: 6 s at 44.1 kHz
 REPLAY_SAMPLES = 1 << 24  # resampled samples kept for a trimming recipe's second pass
 FEATURE_SEGMENT = 1 << 19  # samples per LogMel call (plus its context)
 
 FrameSink = Callable[[np.ndarray], None]
-Signal = tuple[int, str]  # (sample rate, resample method): recipes sharing one share the resampled signal
-
-
-def decoded_blocks(path: Path, block: int = DECODE_BLOCK) -> Iterator[tuple[np.ndarray, int]]:
-    """(mono float32 block, sample rate) pairs, in order, for the whole file."""
-    check_audio_path(path)
-    try:
-        f = sf.SoundFile(path)
-    except sf.LibsndfileError as e:
-        raise AudioError(path, f"corrupt or not audio: {_decoder_error(e)}") from None
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise AudioError(path, f"corrupt or not audio: {type(e).__name__}: {e}") from None
-    with f:
-        rate = int(f.samplerate)
-        total = 0
-        while True:
-            try:
-                x = f.read(block, dtype="float32", always_2d=True)
-            except sf.LibsndfileError as e:
-                raise AudioError(path, f"corrupt or not audio: {_decoder_error(e)}") from None
-            except (RuntimeError, ValueError, TypeError) as e:
-                raise AudioError(path, f"corrupt or not audio: {type(e).__name__}: {e}") from None
-            if x.shape[0] == 0:
-                break
-            total += x.shape[0]
-            mono = to_mono(x)
-            if not np.isfinite(mono).all():
-                raise AudioError(path, "non-finite samples (NaN or inf) in the decoded audio")
-            yield mono, rate
-        if total == 0:
-            raise AudioError(path, "no audio samples (0 frames decoded)")
-
-
-class BlockResampler:
-    """torchaudio's default resampling of a signal that arrives in blocks; outputs equal the whole-signal call.
-
-    ``torchaudio.functional.resample`` (after dividing both rates by their gcd
-    to ``a`` -> ``b``) pads the signal with ``width`` zeros on the left, and
-    output block t (b samples) reads input ``[t*a - width, t*a + width + a)``.
-    A segment that starts at input ``k*a`` gives output blocks ``k + t'``; those
-    whose input lies inside the segment are exact, the rest are recomputed by
-    the next call, whose segment starts ``context`` samples earlier.
-    """
-
-    def __init__(self, orig_rate: int, new_rate: int, segment: int = FEATURE_SEGMENT) -> None:
-        import torchaudio
-
-        self.identity = orig_rate == new_rate
-        if self.identity:
-            return
-        self.rates = (int(orig_rate), int(new_rate))
-        g = math.gcd(orig_rate, new_rate)
-        self.a, self.b = orig_rate // g, new_rate // g
-        # the kernel's reach, as torchaudio computes it (Resample's kernel is built in another dtype than
-        # functional.resample's, which the whole-file path uses: its outputs differ in the last bits)
-        self.width = int(torchaudio.transforms.Resample(orig_rate, new_rate).width)
-        self.context = -(-self.width // self.a) * self.a  # whole input periods covering the kernel's reach
-        self.segment = max(segment, 4 * (self.context + self.a))
-        self.buffer = np.zeros(0, dtype=np.float32)
-        self.start_block = 0  # output block of buffer[0] when buffer[0] is at a period boundary
-        self.left_exact = True  # buffer starts at the signal's start: its zero padding is the real one
-        self.n_in = 0
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        import torchaudio
-
-        # one thread, as freqtag.audio.decode.resample: then a segment's outputs equal the whole-signal call's bit for bit
-        with one_torch_thread(), torch.inference_mode():
-            return torchaudio.functional.resample(torch.from_numpy(x), *self.rates).numpy()
-
-    def push(self, x: np.ndarray) -> np.ndarray:
-        if self.identity:
-            return x
-        self.n_in += x.shape[0]
-        self.buffer = np.concatenate([self.buffer, x]) if self.buffer.size else x
-        if self.buffer.shape[0] < self.segment:
-            return np.zeros(0, dtype=np.float32)
-        return self._emit(final=False)
-
-    def _emit(self, final: bool) -> np.ndarray:
-        buf = self.buffer
-        y = self._run(buf)
-        first = 0 if self.left_exact else self.context // self.a  # blocks before this lack left context
-        if final:
-            last = -(-y.shape[0] // self.b)
-        else:
-            last = (buf.shape[0] - self.width - self.a) // self.a + 1  # blocks whose input is inside the buffer
-            last = min(last, -(-y.shape[0] // self.b))
-        out = y[first * self.b : last * self.b]
-        # keep enough input for the next call: from `context` samples before the first missing block
-        keep_from = last * self.a - self.context
-        self.buffer = buf[keep_from:].copy()
-        self.left_exact = False
-        return out
-
-    def finish(self) -> np.ndarray:
-        if self.identity or self.buffer.size == 0:
-            return np.zeros(0, dtype=np.float32)
-        return self._emit(final=True)
-
-
-class LinearBlockResampler:
-    """:func:`freqtag.audio.decode.resample` ``linear`` of a signal that arrives in blocks; outputs equal the whole-signal call.
-
-    Output k lies at input position ``k*step - 1`` and is final as soon as the
-    input reaches past it (whether it exists, ``k*step < n``, never depends on
-    later input), so each push gives every output up to the last sample
-    received, computed by the same function of k as the whole-signal call. The
-    buffer keeps the input from the next output's left sample on: one sample.
-    """
-
-    def __init__(self, orig_rate: int, new_rate: int) -> None:
-        self.identity = orig_rate == new_rate
-        self.step = linear_step(orig_rate, new_rate)
-        self.buffer = np.zeros(0, dtype=np.float32)
-        self.start = 0  # input index of buffer[0]
-        self.n_in = 0
-        self.k = 0  # next output
-
-    def push(self, x: np.ndarray) -> np.ndarray:
-        if self.identity:
-            return x
-        self.n_in += x.shape[0]
-        self.buffer = np.concatenate([self.buffer, x]) if self.buffer.size else np.asarray(x, dtype=np.float32)
-        k1 = linear_count(self.n_in, self.step)
-        y = linear_outputs(self.buffer, self.start, self.k, k1, self.step)
-        self.k = k1
-        left = max(0, int(np.floor(np.float64(k1) * self.step - 1.0)))  # the next output's left sample
-        keep = min(left, self.n_in)
-        self.buffer = self.buffer[keep - self.start :].copy()
-        self.start = keep
-        return y
-
-    def finish(self) -> np.ndarray:
-        return np.zeros(0, dtype=np.float32)  # every output was final when its input arrived
-
-
-def block_resampler(
-    orig_rate: int, signal: Signal, segment: int = FEATURE_SEGMENT
-) -> BlockResampler | LinearBlockResampler:
-    """The streamed resampler of ``signal`` (rate, method) for a file at ``orig_rate``."""
-    rate, method = signal
-    if method == "linear":
-        return LinearBlockResampler(orig_rate, rate)
-    return BlockResampler(orig_rate, rate, segment)
 
 
 def _signal(spec: FeatureSpec) -> Signal:
     return spec.sample_rate, spec.resample
-
-
-class SilenceScan:
-    """``librosa.effects.trim`` (and the silence check) for a signal that arrives in blocks.
-
-    Keeps the float32 sum of squares of every 512-sample hop block (as
-    :func:`freqtag.audio.decode._frame_mean_squares` computes them) and builds the
-    frame mean squares at the end: identical to the whole-signal computation.
-    """
-
-    def __init__(self) -> None:
-        self.sums: list[np.ndarray] = []
-        self.rest = np.zeros(0, dtype=np.float32)
-        self.n = 0
-
-    def push(self, x: np.ndarray) -> None:
-        self.n += x.shape[0]
-        if self.rest.size:
-            x = np.concatenate([self.rest, x])
-        full = x.shape[0] // TRIM_HOP_LENGTH
-        body = x[: full * TRIM_HOP_LENGTH].reshape(full, TRIM_HOP_LENGTH)
-        if full:
-            self.sums.append(np.einsum("ij,ij->i", body, body).astype(np.float64))
-        self.rest = x[full * TRIM_HOP_LENGTH :].copy()
-
-    def mean_squares(self) -> np.ndarray:
-        hop, per, half = TRIM_HOP_LENGTH, TRIM_FRAME_LENGTH // TRIM_HOP_LENGTH, TRIM_FRAME_LENGTH // 2
-        n_frames = 1 + self.n // hop
-        full = self.n // hop
-        blocks = np.zeros(n_frames - 1 + per, dtype=np.float64)
-        lead = half // hop
-        if self.sums:
-            blocks[lead : lead + full] = np.concatenate(self.sums)
-        if self.rest.size:
-            blocks[lead + full] = float(np.dot(self.rest, self.rest))
-        sums = np.lib.stride_tricks.sliding_window_view(blocks, per).sum(axis=1)
-        return sums[:n_frames] / TRIM_FRAME_LENGTH
-
-    def interval(self, path: Path, spec: FeatureSpec) -> tuple[int, int]:
-        """The kept [start, end) samples; refuses a silent signal as :func:`freqtag.audio.decode.waveform` does."""
-        ms = self.mean_squares()
-        loudest = float(ms.max()) ** 0.5
-        if loudest < SILENCE_RMS:
-            level = f"{20 * np.log10(loudest):.0f} dBFS" if loudest > 0 else "digital silence"
-            left = "; nothing is left after trimming" if spec.trim_top_db is not None else ""
-            raise AudioError(path, f"silent: the loudest frame is {level} (below -100 dBFS){left}")
-        if spec.trim_top_db is None:
-            return 0, self.n
-        return _interval(ms, self.n, spec.trim_top_db, TRIM_HOP_LENGTH)
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,7 +23,8 @@ es = pytest.importorskip(
 )
 import essentia  # noqa: E402
 
-from freqtag.audio.decode import features_from_file, resample  # noqa: E402
+from freqtag.audio.resample import resample  # noqa: E402
+from freqtag.audio.whole import features_from_file  # noqa: E402
 from freqtag.features import FeatureSpec  # noqa: E402
 
 essentia.log.infoActive = False  # its INFO lines would fill the test output

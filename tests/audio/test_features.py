@@ -1,4 +1,4 @@
-"""The two feature recipes from audio (freqtag.audio.decode): against the reference chains, the recipe's
+"""The two feature recipes from audio (freqtag.audio): against the reference chains, the recipe's
 definitions, and audio that is real, generated, or broken."""
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from freqtag.audio import decode as audio
-from freqtag.audio.decode import AudioError, features_from_file, nonsilent_interval
+from freqtag.audio.decode import AudioError, decode
+from freqtag.audio.frames import frame_count
 from freqtag.audio.logmel import LogMel, mel_filterbank
-from freqtag.audio.stream import LinearBlockResampler, stream_features
+from freqtag.audio.loudness import nonsilent_interval
+from freqtag.audio.resample import LinearBlockResampler, linear_count, linear_step, resample
+from freqtag.audio.stream import stream_features
+from freqtag.audio.whole import features_from_file
 from freqtag.features import LEGACY_DEFAULTS, FeatureSpec
 
 # librosa.load imports audioread, which imports modules Python 3.13 drops
@@ -55,7 +58,7 @@ def reference_mel96(y: np.ndarray, sr: int) -> np.ndarray:
 
     On the signal resampled linearly (tested on its own below and, against Essentia, in test_essentia.py).
     """
-    y12 = torch.from_numpy(audio.resample(y, sr, 12000, "linear"))
+    y12 = torch.from_numpy(resample(y, sr, 12000, "linear"))
     power = torchaudio.transforms.Spectrogram(
         n_fft=512, hop_length=256, power=2, center=True, pad_mode="constant",
         window_fn=functools.partial(torch.hann_window, periodic=False),
@@ -212,27 +215,27 @@ def stepwise_linear(x: np.ndarray, step: float) -> np.ndarray:
 @pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 32000, 44100, 48000])
 def test_linear_resampling_follows_libsamplerates_loop(rate: int) -> None:
     rng = np.random.default_rng(rate)
-    step = audio.linear_step(rate, 12000)
+    step = linear_step(rate, 12000)
     assert step == 1.0 / float(np.float32(12000) / np.float32(rate))  # Essentia's float32 ratio, not rate/12000
     for n in (1, 2, 3, 7, 1000, 4321):
         x = rng.standard_normal(n).astype(np.float32)
-        ours = audio.resample(x, rate, 12000, "linear")
+        ours = resample(x, rate, 12000, "linear")
         ref = stepwise_linear(x, step)
-        assert ours.dtype == np.float32 and ours.shape == (audio.linear_count(n, step),), (rate, n)
+        assert ours.dtype == np.float32 and ours.shape == (linear_count(n, step),), (rate, n)
         # t accumulated vs k*step: the last bits, and at 8/16/32 kHz (steps 2/3, 4/3, 8/3, whose sums fall
         # just short of whole numbers) the loop may add one output on the very last sample
         extra = 1 if rate in (8000, 16000, 32000) else 0
         assert 0 <= ref.shape[0] - ours.shape[0] <= extra, (rate, n, ref.shape, ours.shape)
         assert ours[0] == x[0]  # the first output is the first sample
         np.testing.assert_allclose(ours, ref[: ours.shape[0]], rtol=0, atol=1e-6)
-    assert audio.resample(x, 12000, 12000, "linear") is x
+    assert resample(x, 12000, 12000, "linear") is x
 
 
 def test_linear_resampling_streamed_equals_the_whole_signal(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     for rate in (44100, 11025, 48000):
         x = tone(3.0, rate, 5000.0, noise=0.1, seed=rate)
-        whole = audio.resample(x, rate, 12000, "linear")
+        whole = resample(x, rate, 12000, "linear")
         resampler, parts, i = LinearBlockResampler(rate, 12000), [], 0
         while i < x.size:
             n = int(rng.choice([0, 1, 2, 255, 4096, 30000]))  # empty, single-sample and odd blocks
@@ -251,7 +254,7 @@ def test_linear_resampling_streamed_equals_the_whole_signal(tmp_path: Path) -> N
 def test_linear_resampling_keeps_aliased_energy() -> None:
     """A 7 kHz tone at 44.1 kHz folds to 5 kHz at 12 kHz with linear interpolation; the sinc filter removes it."""
     x = tone(2.0, 44100, 7000.0, noise=0.0)
-    db = {m: LogMel(dataclasses.replace(MEL96, resample=m))([audio.resample(x, 44100, 12000, m)])[0].mean(axis=0)
+    db = {m: LogMel(dataclasses.replace(MEL96, resample=m))([resample(x, 44100, 12000, m)])[0].mean(axis=0)
           for m in ("linear", "sinc")}  # fmt: skip
     band = int(mel_filterbank(MEL96).numpy()[round(5000 * 512 / 12000)].argmax())
     assert db["linear"].argmax() == band
@@ -297,7 +300,7 @@ def test_batched_transform_equals_torchaudio_and_ignores_batch_company(spec: Fea
     together = transform(waves)
     reverse = transform(waves[::-1])[::-1]
     for w, a, b, c in zip(waves, alone, together, reverse):
-        assert a.shape == (audio.frame_count(w.size, spec), spec.n_mels)
+        assert a.shape == (frame_count(w.size, spec), spec.n_mels)
         np.testing.assert_array_equal(a, b)  # bit for bit, whatever the other tracks of the batch
         np.testing.assert_array_equal(a, c)
         mel = torchaudio.transforms.MelSpectrogram(
@@ -334,9 +337,9 @@ def test_formats_rates_and_channels_agree(tmp_path: Path) -> None:
         mono = features_from_file(tmp_path / "mono.wav", spec)
         # channels are averaged in float32, then resampled: the same features as the averaged file
         np.testing.assert_array_equal(features_from_file(tmp_path / "stereo.wav", spec), mono)
-        x, rate = audio.decode(tmp_path / "stereo.wav")
+        x, rate = decode(tmp_path / "stereo.wav")
         assert rate == sr and x.dtype == np.float32 and x.ndim == 1
-        assert mono.shape[0] == audio.frame_count(round(4.0 * spec.sample_rate), spec)
+        assert mono.shape[0] == frame_count(round(4.0 * spec.sample_rate), spec)
         loud = mono > mono.max() - 60
         np.testing.assert_allclose(features_from_file(tmp_path / "a.flac", spec)[loud], mono[loud], atol=0.05)
         for lossy in ("a.ogg", "a.mp3"):  # lossy codecs: the same bands carry the energy

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tagging_models import trained_runs
 
-from freqtag.audio.decode import features_from_file
+from freqtag.audio.whole import features_from_file
 from freqtag.cli import main as freqtag_main
 from freqtag.tag.models import LAYERS, load_model
 from freqtag.tag.predict import tag_file
