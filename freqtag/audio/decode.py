@@ -27,6 +27,7 @@ __all__ = [
     "decode",
     "decoded_blocks",
     "to_mono",
+    "check_finite",
     "quiet_decoder_messages",
 ]
 
@@ -74,10 +75,10 @@ def quiet_decoder_messages() -> None:
 
 
 @contextmanager
-def _captured_stderr() -> Iterator[list[str]]:
+def _captured_stderr(enabled: bool) -> Iterator[list[str]]:
     """Collect what C code writes to file descriptor 2 during the block (when enabled)."""
     lines: list[str] = []
-    if not _capture_decoder_messages:
+    if not enabled:
         yield lines
         return
     sys.stderr.flush()
@@ -99,6 +100,24 @@ def _decoder_error(e: sf.LibsndfileError) -> str:
     if text.startswith("File does not exist or is not a regular file"):
         text = "no audio stream found"
     return text or f"libsndfile error {e.code}"
+
+
+@contextmanager
+def _decoding(path: Path, capture: bool = False) -> Iterator[None]:
+    """soundfile's exceptions in the block (opening or reading ``path``) as the one-line :class:`AudioError`.
+
+    With ``capture`` (and :func:`quiet_decoder_messages` called), the decoder's
+    own stderr lines of the block go into the reason instead of the terminal.
+    """
+    messages: list[str] = []
+    try:
+        with _captured_stderr(capture and _capture_decoder_messages) as messages:
+            yield
+    except sf.LibsndfileError as e:
+        said = f" (decoder: {'; '.join(_SOURCE_PREFIX.sub('', m) for m in messages[:2])})" if messages else ""
+        raise AudioError(path, f"corrupt or not audio: {_decoder_error(e)}{said}") from None
+    except (RuntimeError, ValueError, TypeError) as e:  # soundfile's own checks on odd headers
+        raise AudioError(path, f"corrupt or not audio: {type(e).__name__}: {e}") from None
 
 
 def check_audio_path(path: Path) -> None:
@@ -125,25 +144,60 @@ def check_audio_path(path: Path) -> None:
 
 
 def decode(path: str | Path) -> tuple[np.ndarray, int]:
-    """The file's samples averaged over channels (float32, mono) and its sample rate.
+    """The whole file's samples averaged over channels (float32, mono) and its sample rate.
 
     Raises :class:`AudioError` for a missing, empty, non-audio, unsupported or
     undecodable file. A file that ends early (a truncated MP3 or Ogg) gives the
     part that decodes, as every soundfile-based loader does.
     """
+    ((x, rate),) = decoded_blocks(path, None)
+    return x, rate
+
+
+def decoded_blocks(path: str | Path, block: int | None = DECODE_BLOCK) -> Iterator[tuple[np.ndarray, int]]:
+    """(mono float32 block, sample rate) pairs, in order, for the whole file; ``block`` None: one block.
+
+    ``None`` reads the file in one ``soundfile.read``, with the decoder's
+    messages captured (:func:`_decoding`). The split matters for MPEG-2/2.5
+    MP3s (rates of 24 kHz and below): libmpg123 gives other float bits for a
+    read that ends inside one of their frames (house_lo.mp3, 11.025 kHz: 15557
+    of 80064 samples differ, by up to 1.8e-7, read in blocks of 30011), so a
+    store's features come from one read. Other formats give the same samples
+    in any blocks.
+    """
     path = Path(path)
     check_audio_path(path)
-    try:
-        with _captured_stderr() as messages:
-            x, sr = sf.read(path, dtype="float32", always_2d=True)
-    except sf.LibsndfileError as e:
-        said = f" (decoder: {'; '.join(_SOURCE_PREFIX.sub('', m) for m in messages[:2])})" if messages else ""
-        raise AudioError(path, f"corrupt or not audio: {_decoder_error(e)}{said}") from None
-    except (RuntimeError, ValueError, TypeError) as e:  # soundfile's own checks on odd headers
-        raise AudioError(path, f"corrupt or not audio: {type(e).__name__}: {e}") from None
-    if x.shape[0] == 0:
+    total = 0
+    for x, rate in _whole_read(path) if block is None else _block_reads(path, block):
+        total += x.shape[0]
+        yield to_mono(x), rate
+    if total == 0:
         raise AudioError(path, "no audio samples (0 frames decoded)")
-    return to_mono(x), int(sr)
+
+
+def _whole_read(path: Path) -> Iterator[tuple[np.ndarray, int]]:
+    with _decoding(path, capture=True):
+        x, rate = sf.read(path, dtype="float32", always_2d=True)
+    if x.shape[0]:
+        yield x, int(rate)
+
+
+def _block_reads(path: Path, block: int) -> Iterator[tuple[np.ndarray, int]]:
+    with _decoding(path):
+        f = sf.SoundFile(path)
+    with f:
+        while True:
+            with _decoding(path):
+                x = f.read(block, dtype="float32", always_2d=True)
+            if x.shape[0] == 0:
+                return
+            yield x, int(f.samplerate)
+
+
+def check_finite(path: str | Path, x: np.ndarray) -> None:
+    """Refuse decoded samples that hold NaN or inf."""
+    if not np.isfinite(x).all():
+        raise AudioError(path, "non-finite samples (NaN or inf) in the decoded audio")
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
@@ -156,33 +210,3 @@ def to_mono(x: np.ndarray) -> np.ndarray:
         mono += x[:, c]
     mono /= np.float32(channels)
     return mono
-
-
-def decoded_blocks(path: Path, block: int = DECODE_BLOCK) -> Iterator[tuple[np.ndarray, int]]:
-    """(mono float32 block, sample rate) pairs, in order, for the whole file."""
-    check_audio_path(path)
-    try:
-        f = sf.SoundFile(path)
-    except sf.LibsndfileError as e:
-        raise AudioError(path, f"corrupt or not audio: {_decoder_error(e)}") from None
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise AudioError(path, f"corrupt or not audio: {type(e).__name__}: {e}") from None
-    with f:
-        rate = int(f.samplerate)
-        total = 0
-        while True:
-            try:
-                x = f.read(block, dtype="float32", always_2d=True)
-            except sf.LibsndfileError as e:
-                raise AudioError(path, f"corrupt or not audio: {_decoder_error(e)}") from None
-            except (RuntimeError, ValueError, TypeError) as e:
-                raise AudioError(path, f"corrupt or not audio: {type(e).__name__}: {e}") from None
-            if x.shape[0] == 0:
-                break
-            total += x.shape[0]
-            mono = to_mono(x)
-            if not np.isfinite(mono).all():
-                raise AudioError(path, "non-finite samples (NaN or inf) in the decoded audio")
-            yield mono, rate
-        if total == 0:
-            raise AudioError(path, "no audio samples (0 frames decoded)")

@@ -10,6 +10,7 @@ float32 features: the arithmetic of torchaudio's ``MelSpectrogram`` +
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ import torchaudio
 from freqtag.audio.threads import one_torch_thread
 from freqtag.features import FeatureSpec
 
-__all__ = ["LogMel", "mel_filterbank", "analysis_window", "BLOCK_FRAMES"]
+__all__ = ["LogMel", "cached_logmel", "mel_filterbank", "analysis_window", "BLOCK_FRAMES"]
 
 # Frames per transform block (see LogMel): a fixed shape per recipe.
 BLOCK_FRAMES = 512
@@ -158,3 +159,9 @@ class LogMel:
         flush()
         first = int(spec.drop_first_frame)
         return [torch.cat(p)[first:].cpu().numpy() for p in pieces]
+
+
+@functools.lru_cache(maxsize=8)
+def cached_logmel(spec: FeatureSpec, device: str = "cpu") -> LogMel:
+    """One :class:`LogMel` per recipe and device in a process: its window and filterbank are built once."""
+    return LogMel(spec, device)

@@ -143,12 +143,7 @@ class BlockResampler:
         self.n_in = 0
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        import torch
-        import torchaudio
-
-        # one thread, as freqtag.audio.decode.resample: then a segment's outputs equal the whole-signal call's bit for bit
-        with one_torch_thread(), torch.inference_mode():
-            return torchaudio.functional.resample(torch.from_numpy(x), *self.rates).numpy()
+        return resample(x, *self.rates)  # one thread there: a segment's outputs equal the whole-signal call's
 
     def push(self, x: np.ndarray) -> np.ndarray:
         if self.identity:

@@ -39,15 +39,15 @@ silent, too short).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from freqtag.audio.decode import DECODE_BLOCK, AudioError, decoded_blocks
-from freqtag.audio.logmel import LogMel
+from freqtag.audio.decode import DECODE_BLOCK, check_finite, decoded_blocks
+from freqtag.audio.frames import check_length
+from freqtag.audio.logmel import LogMel, cached_logmel
 from freqtag.audio.loudness import SilenceScan
 from freqtag.audio.resample import BlockResampler, LinearBlockResampler, Signal, block_resampler
 from freqtag.features import FeatureSpec
@@ -64,11 +64,6 @@ def _signal(spec: FeatureSpec) -> Signal:
     return spec.sample_rate, spec.resample
 
 
-@functools.lru_cache(maxsize=8)
-def _logmel(spec: FeatureSpec) -> LogMel:
-    return LogMel(spec)
-
-
 class BlockLogMel:
     """The recipe's frames of a signal that arrives in blocks, handed to ``sink`` as (frames, n_mels) float32.
 
@@ -83,7 +78,7 @@ class BlockLogMel:
                  segment: int = FEATURE_SEGMENT) -> None:
         self.spec = spec
         self.sink = sink
-        self.logmel = logmel or _logmel(spec)
+        self.logmel = logmel or cached_logmel(spec)
         self.half = spec.n_fft // 2
         self.lead = -(-self.half // spec.hop_length)  # frames of a segment whose window starts before it
         self.first = int(spec.drop_first_frame)
@@ -152,12 +147,6 @@ class FileFeatures:
         return self.samples / self.sample_rate if self.sample_rate else 0.0
 
 
-def _feed(x: np.ndarray, piece: int, *consumers: Callable[[np.ndarray], None]) -> None:
-    for i in range(0, x.shape[0], piece):
-        for c in consumers:
-            c(x[i : i + piece])
-
-
 def stream_features(
     path: str | Path,
     specs: Sequence[FeatureSpec],
@@ -169,22 +158,45 @@ def stream_features(
 ) -> FileFeatures:
     """Decode ``path`` in blocks and hand each recipe's frames, in order, to its sink.
 
-    The frames equal :func:`freqtag.audio.decode.features_from_file` (float32
-    rounding aside). Raises :class:`AudioError` for a file that gives no
+    The frames equal :func:`freqtag.audio.whole.features_from_file` (float32
+    rounding aside). Raises :class:`freqtag.audio.decode.AudioError` for a file that gives no
     features; the sinks may already have received frames then.
     """
     path = Path(path)
     if len(specs) != len(sinks):
         raise ValueError("one sink per spec")
     info = FileFeatures(path)
+    direct = [(s, BlockLogMel(s, sink, segment=segment)) for s, sink in zip(specs, sinks) if s.trim_top_db is None]
+    trimming = [(s, BlockLogMel(s, sink, segment=segment)) for s, sink in zip(specs, sinks) if s.trim_top_db is not None]
+    scans, replay = _first_pass(path, specs, direct, info, decode_block, replay_samples, segment)
+    for s, bl in direct:
+        scans[_signal(s)].interval(path, s)  # the silence check
+        info.frames[s.name] = _last_frames(path, s, bl)
+    if trimming:
+        _trimmed_pass(path, trimming, scans, replay, info, decode_block, segment)
+    return info
+
+
+def _first_pass(
+    path: Path,
+    specs: Sequence[FeatureSpec],
+    direct: Sequence[tuple[FeatureSpec, BlockLogMel]],
+    info: FileFeatures,
+    decode_block: int,
+    replay_samples: int,
+    segment: int,
+) -> tuple[dict[Signal, SilenceScan], dict[Signal, list[np.ndarray] | None]]:
+    """Decode once: feed the recipes that do not trim, scan every rate's loudness, keep short signals to replay.
+
+    Returns the scans and, per rate a trimming recipe needs, its resampled
+    blocks (None: longer than ``replay_samples``, to be decoded again).
+    """
     rates = sorted({_signal(s) for s in specs})
-    resamplers: dict[Signal, BlockResampler | LinearBlockResampler] = {}
     scans = {r: SilenceScan() for r in rates}
     replay: dict[Signal, list[np.ndarray] | None] = {
         r: [] for r in rates if any(s.trim_top_db is not None and _signal(s) == r for s in specs)
     }
     kept = {r: 0 for r in replay}
-    direct = [(s, BlockLogMel(s, sink, segment=segment)) for s, sink in zip(specs, sinks) if s.trim_top_db is None]
 
     def at_rate(rate: Signal, y: np.ndarray) -> None:
         if y.size == 0:
@@ -200,7 +212,9 @@ def stream_features(
                 replay[rate].append(y)  # type: ignore[union-attr]
                 kept[rate] += y.shape[0]
 
+    resamplers: dict[Signal, BlockResampler | LinearBlockResampler] = {}
     for mono, sr in decoded_blocks(path, decode_block):
+        check_finite(path, mono)
         if not resamplers:
             info.sample_rate = sr
             resamplers = {r: block_resampler(sr, r, segment) for r in rates}
@@ -209,65 +223,51 @@ def stream_features(
             at_rate(r, rs.push(mono))
     for r, rs in resamplers.items():
         at_rate(r, rs.finish())
+    return scans, replay
 
-    for s, bl in direct:
-        scans[_signal(s)].interval(path, s)  # the silence check
-        _check_length(path, s, bl)
-        bl.finish()
-        _check_frames(path, s, bl)
-        info.frames[s.name] = bl.frames
 
-    trimming = [(s, sink) for s, sink in zip(specs, sinks) if s.trim_top_db is not None]
-    if not trimming:
-        return info
-    intervals = {s.name: scans[_signal(s)].interval(path, s) for s, _ in trimming}
-    blocks = {s.name: BlockLogMel(s, sink, segment=segment) for s, sink in trimming}
+def _trimmed_pass(
+    path: Path,
+    trimming: Sequence[tuple[FeatureSpec, BlockLogMel]],
+    scans: dict[Signal, SilenceScan],
+    replay: dict[Signal, list[np.ndarray] | None],
+    info: FileFeatures,
+    decode_block: int,
+    segment: int,
+) -> None:
+    """Feed the trimming recipes their kept interval: from the replayed blocks, or from a second decode."""
+    intervals = {s.name: scans[_signal(s)].interval(path, s) for s, _ in trimming}  # refuses a silent file first
 
-    def trimmed(rate: Signal, pieces: Iterator[np.ndarray]) -> None:
+    def trimmed(rate: Signal, pieces: Iterable[np.ndarray]) -> None:
         pos = 0
         for y in pieces:
-            for s, _ in trimming:
+            for s, bl in trimming:
                 if _signal(s) != rate:
                     continue
                 start, end = intervals[s.name]
                 lo, hi = max(start, pos), min(end, pos + y.shape[0])
                 if lo < hi:
-                    blocks[s.name].push(y[lo - pos : hi - pos])
+                    bl.push(y[lo - pos : hi - pos])
             pos += y.shape[0]
 
-    again = [r for r in replay if replay[r] is None]
-    for r in replay:
-        if replay[r] is not None:
-            trimmed(r, iter(replay[r]))  # type: ignore[arg-type]
-            replay[r] = None
-    if again:
+    def second_pass(rate: Signal) -> Iterator[np.ndarray]:
+        rs = block_resampler(info.sample_rate, rate, segment)
+        for mono, _ in decoded_blocks(path, decode_block):
+            yield rs.push(mono)
+        yield rs.finish()
+
+    for r, blocks in replay.items():
+        if blocks is not None:
+            trimmed(r, blocks)
+    for r in [r for r, blocks in replay.items() if blocks is None]:  # one rate per extra pass (in practice 44.1 kHz)
         info.passes = 2
-        rs2 = {r: block_resampler(info.sample_rate, r, segment) for r in again}
-
-        def second_pass(rate: Signal) -> Iterator[np.ndarray]:
-            for mono, _ in decoded_blocks(path, decode_block):
-                yield rs2[rate].push(mono)
-            yield rs2[rate].finish()
-
-        for r in again:  # one rate per extra pass (in practice there is only 44.1 kHz)
-            trimmed(r, second_pass(r))
-    for s, _ in trimming:
-        _check_length(path, s, blocks[s.name])
-        blocks[s.name].finish()
-        _check_frames(path, s, blocks[s.name])
-        info.frames[s.name] = blocks[s.name].frames
-    return info
+        trimmed(r, second_pass(r))
+    for s, bl in trimming:
+        info.frames[s.name] = _last_frames(path, s, bl)
 
 
-def _check_length(path: Path, spec: FeatureSpec, bl: BlockLogMel) -> None:
-    """Before finish(): reflect padding needs more than n_fft/2 samples (the whole-file path's refusal)."""
-    trimmed = " after trimming" if spec.trim_top_db is not None else ""
-    if bl.n == 0 or (spec.pad_mode == "reflect" and bl.n <= spec.n_fft // 2):
-        raise AudioError(path, f"too short: {bl.n} samples{trimmed}, {spec.name} needs more than {spec.n_fft // 2}")
-
-
-def _check_frames(path: Path, spec: FeatureSpec, bl: BlockLogMel) -> None:
-    """After finish(): a recipe that gave no frame refuses the file, as freqtag.audio.decode.waveform does."""
-    if bl.frames < 1:
-        trimmed = " after trimming" if spec.trim_top_db is not None else ""
-        raise AudioError(path, f"too short: {bl.n / spec.sample_rate:.3f} s{trimmed} gives no frame of {spec.name}")
+def _last_frames(path: Path, spec: FeatureSpec, bl: BlockLogMel) -> int:
+    """Refuse a signal too short for the recipe (as the whole-file path does), else give its last frames."""
+    check_length(path, spec, bl.n)
+    bl.finish()
+    return bl.frames
