@@ -280,9 +280,11 @@ def profile(features: str, files: list[Path]) -> dict:
         mine["audio_seconds"] += x2.shape[0] / sr
         x = timed("channel mean", decode.to_mono, x2)
         x = timed("resample", resample, x, sr, spec.sample_rate, spec.resample)
-        ms = timed("silence + trim", loudness._frame_mean_squares, x, loudness.TRIM_FRAME_LENGTH, loudness.TRIM_HOP_LENGTH)
+        ms = timed("silence + trim", loudness.frame_mean_squares, x, loudness.TRIM_FRAME_LENGTH, loudness.TRIM_HOP_LENGTH)
         if spec.trim_top_db is not None:
-            start, end = timed("silence + trim", loudness._interval, ms, x.shape[0], spec.trim_top_db, loudness.TRIM_HOP_LENGTH)
+            start, end = timed(
+                "silence + trim", loudness.kept_interval, ms, x.shape[0], spec.trim_top_db, loudness.TRIM_HOP_LENGTH
+            )
             x = x[start:end]
         f = timed("log-mel transform", lambda y: transform([y])[0], x)
         f16 = timed("float16 + checks", _checked, f, spec.n_mels)

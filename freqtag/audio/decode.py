@@ -158,12 +158,10 @@ def decoded_blocks(path: str | Path, block: int | None = DECODE_BLOCK) -> Iterat
     """(mono float32 block, sample rate) pairs, in order, for the whole file; ``block`` None: one block.
 
     ``None`` reads the file in one ``soundfile.read``, with the decoder's
-    messages captured (:func:`_decoding`). The split matters for MPEG-2/2.5
-    MP3s (rates of 24 kHz and below): libmpg123 gives other float bits for a
-    read that ends inside one of their frames (house_lo.mp3, 11.025 kHz: 15557
-    of 80064 samples differ, by up to 1.8e-7, read in blocks of 30011), so a
-    store's features come from one read. Other formats give the same samples
-    in any blocks.
+    messages captured (:func:`_decoding`): the whole-file path, whose stores
+    must keep their bits (MP3s of 24 kHz and below decode to other float bits
+    in blocks; see :mod:`freqtag.audio.whole`). The streamed reads leave the
+    decoder's messages on stderr.
     """
     path = Path(path)
     check_audio_path(path)

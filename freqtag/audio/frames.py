@@ -33,4 +33,5 @@ def check_length(path: str | Path, spec: FeatureSpec, n_samples: int, min_frames
             f"fewer than the {needed}{window}",
         )
     if spec.pad_mode == "reflect" and n_samples <= spec.n_fft // 2:  # reflect padding needs more than half a frame
-        raise AudioError(path, f"too short: {n_samples} samples{trimmed}, {spec.name} needs more than {spec.n_fft // 2}")
+        half = spec.n_fft // 2
+        raise AudioError(path, f"too short: {n_samples} samples{trimmed}, {spec.name} needs more than {half}")

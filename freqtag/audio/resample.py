@@ -177,7 +177,7 @@ class BlockResampler:
 
 
 class LinearBlockResampler:
-    """:func:`freqtag.audio.decode.resample` ``linear`` of a signal that arrives in blocks; outputs equal the whole-signal call.
+    """:func:`resample` ``linear`` of a signal that arrives in blocks; outputs equal the whole-signal call.
 
     Output k lies at input position ``k*step - 1`` and is final as soon as the
     input reaches past it (whether it exists, ``k*step < n``, never depends on

@@ -1,23 +1,23 @@
 """An audio file's features for several recipes at once, computed in blocks: memory bounded for any length.
 
-:func:`freqtag.audio.decode.features_from_file` holds the whole decoded signal (an
+:func:`freqtag.audio.whole.features_from_file` holds the whole decoded signal (an
 hour of 44.1 kHz stereo is 1.3 GB of float32). Tagging must not, so here the
-same recipe is computed from fixed-size blocks, and gives the same frames:
+same recipe is computed from fixed-size blocks by the same pieces:
 
-- **decode**: ``soundfile`` reads ``DECODE_BLOCK`` sample frames at a time;
-  channels are averaged per block (the same float32 arithmetic as
-  :func:`freqtag.audio.decode.to_mono`).
-- **resample** (:class:`BlockResampler`): torchaudio's sinc resampler is a
-  strided convolution, so an output sample depends on a bounded stretch of
-  input. Each call runs on a segment that starts on a multiple of the
-  resampler's input period and carries enough context on both sides; only the
-  outputs that the context makes exact are kept. The linear resampler
-  (:class:`LinearBlockResampler`, ``resample: linear`` recipes) needs two input
-  samples per output and keeps one sample between blocks.
-- **silence** (:class:`SilenceScan`): ``librosa.effects.trim`` compares every
-  2048-sample frame with the loudest one, which is known only at the end. The
-  scan keeps one float64 per 512 samples (8 bytes per 11.6 ms at 44.1 kHz,
-  about 2.5 MB an hour) and decides the kept interval at the end.
+- **decode** (:func:`freqtag.audio.decode.decoded_blocks`): ``soundfile``
+  reads ``DECODE_BLOCK`` sample frames at a time; channels are averaged per
+  block.
+- **resample** (:class:`freqtag.audio.resample.BlockResampler`): torchaudio's
+  sinc resampler is a strided convolution, so an output sample depends on a
+  bounded stretch of input. Each call runs on a segment that starts on a
+  multiple of the resampler's input period and carries enough context on both
+  sides; only the outputs that the context makes exact are kept. The linear
+  resampler (``resample: linear`` recipes) needs two input samples per output
+  and keeps one sample between blocks.
+- **silence** (:class:`freqtag.audio.loudness.SilenceScan`):
+  ``librosa.effects.trim`` compares every 2048-sample frame with the loudest
+  one, which is known only at the end. The scan keeps one float64 per 512
+  samples and decides the kept interval at the end.
 - **log-mel** (:class:`BlockLogMel`): frames are centred windows of n_fft
   samples every hop; each call of :class:`freqtag.audio.logmel.LogMel` gets a
   segment starting on a hop boundary, and only frames lying wholly inside the
@@ -32,9 +32,11 @@ ordinary song is decoded once); a longer file is decoded a second time
 (``passes`` says how many times a file was read). Recipes that do not trim
 (``mel96``) are computed during the first pass.
 
-Refusals are :class:`freqtag.audio.decode.AudioError`, with the same reasons as the
-whole-file path (missing, empty, not audio, unsupported, corrupt, non-finite,
-silent, too short).
+Refusals are :class:`freqtag.audio.decode.AudioError`, made by the same
+functions as the whole-file path's (missing, empty, not audio, unsupported,
+corrupt, non-finite, silent, too short). The frames equal the whole-file
+path's (bit for bit on every file measured), except for MP3s of 24 kHz and
+below longer than one decode block (see :mod:`freqtag.audio.whole`).
 """
 
 from __future__ import annotations
@@ -166,8 +168,9 @@ def stream_features(
     if len(specs) != len(sinks):
         raise ValueError("one sink per spec")
     info = FileFeatures(path)
-    direct = [(s, BlockLogMel(s, sink, segment=segment)) for s, sink in zip(specs, sinks) if s.trim_top_db is None]
-    trimming = [(s, BlockLogMel(s, sink, segment=segment)) for s, sink in zip(specs, sinks) if s.trim_top_db is not None]
+    blocks = [(s, BlockLogMel(s, sink, segment=segment)) for s, sink in zip(specs, sinks)]
+    direct = [(s, bl) for s, bl in blocks if s.trim_top_db is None]
+    trimming = [(s, bl) for s, bl in blocks if s.trim_top_db is not None]
     scans, replay = _first_pass(path, specs, direct, info, decode_block, replay_samples, segment)
     for s, bl in direct:
         scans[_signal(s)].interval(path, s)  # the silence check

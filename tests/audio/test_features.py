@@ -54,7 +54,8 @@ def reference_mel128(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference_mel96(y: np.ndarray, sr: int) -> np.ndarray:
-    """REFERENCE.md's torchaudio formulation of MTG's Essentia recipe: (frames, 96) dB.
+    """The torchaudio formulation of MTG's Essentia recipe (12 kHz, n_fft 512, hop 256, symmetric Hann, 96 Slaney
+    bands of unit area over 0-6 kHz, 20*log10): (frames, 96) dB.
 
     On the signal resampled linearly (tested on its own below and, against Essentia, in test_essentia.py).
     """
