@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freqtag.audio.decode import AudioError, check_finite, decoded_blocks
+from freqtag.audio.decode import AudioError, check_finite, decode
 from freqtag.audio.frames import check_length
 from freqtag.audio.loudness import SilenceScan
 from freqtag.audio.resample import resample
@@ -49,7 +49,7 @@ def waveform(path: str | Path, spec: FeatureSpec, min_frames: int = 1) -> np.nda
     non-finite samples, is silent (nothing left after trimming), or gives
     fewer than ``min_frames`` frames.
     """
-    ((x, rate),) = decoded_blocks(path, None)
+    x, rate = decode(path)
     check_finite(path, x)
     x = resample(x, rate, spec.sample_rate, spec.resample)
     scan = SilenceScan()

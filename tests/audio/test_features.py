@@ -412,3 +412,21 @@ def test_min_frames_boundary_and_truncated_mp3(tmp_path: Path) -> None:
     cut = features_from_file(tmp_path / "cut.mp3", MEL128)
     assert 0.5 * whole.shape[0] < cut.shape[0] < 0.7 * whole.shape[0]
     np.testing.assert_allclose(cut[:-2], whole[: cut.shape[0] - 2], atol=1e-3)
+
+
+def test_streamed_refusals_are_the_whole_file_paths(tmp_path: Path) -> None:
+    """Both paths refuse a file by the same functions, so with the same reason."""
+    sr = 44100
+    nan = tone(5.0, sr)
+    nan[3000] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, sr, subtype="FLOAT")
+    sf.write(tmp_path / "silence.wav", np.zeros(sr, np.float32), sr)
+    sf.write(tmp_path / "tiny.wav", tone(0.01, sr), sr)  # 441 samples: no mel128 frame
+    write_bytes(tmp_path / "random.mp3", np.random.default_rng(1).bytes(20_000))
+    for name in ("nan.wav", "silence.wav", "tiny.wav", "random.mp3", "missing.ogg"):
+        for spec in (MEL128,) if name == "tiny.wav" else (MEL128, MEL96):  # mel96 pads: 120 samples give a frame
+            with pytest.raises(AudioError) as whole:
+                features_from_file(tmp_path / name, spec)
+            with pytest.raises(AudioError) as streamed:
+                stream_features(tmp_path / name, [spec], [lambda frames: None], decode_block=4096)
+            assert streamed.value.reason == whole.value.reason, (name, spec.name)
