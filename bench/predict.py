@@ -208,7 +208,7 @@ def split_times(ckpt: Path, files: list[str], rounds: int) -> dict[str, Any]:
     """Seconds per file (medians over the first 3 files and ``rounds``) of decoding, decoding + features, and the
     network with 1 and with 2 torch threads (alternating; wall and CPU time), in this process, with the 1-minute
     load."""
-    from freqtag.audio.stream import decoded_blocks
+    from freqtag.audio.decode import decoded_blocks
     from freqtag.prepare.command import Job
     from freqtag.tag.models import load_model
     from freqtag.tag.runner import decode_features

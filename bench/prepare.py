@@ -244,8 +244,9 @@ def profile(features: str, files: list[Path]) -> dict:
     import soundfile as sf
     import torch
 
-    from freqtag.audio import decode as audio
+    from freqtag.audio import decode, loudness
     from freqtag.audio.logmel import LogMel
+    from freqtag.audio.resample import resample
     from freqtag.features import FeatureSpec
     from freqtag.prepare.command import _checked
 
@@ -277,11 +278,13 @@ def profile(features: str, files: list[Path]) -> dict:
         x2, sr = timed("decode", lambda p: sf.read(p, dtype="float32", always_2d=True), path)
         seconds += x2.shape[0] / sr
         mine["audio_seconds"] += x2.shape[0] / sr
-        x = timed("channel mean", audio.to_mono, x2)
-        x = timed("resample", audio.resample, x, sr, spec.sample_rate, spec.resample)
-        ms = timed("silence + trim", audio._frame_mean_squares, x, audio.TRIM_FRAME_LENGTH, audio.TRIM_HOP_LENGTH)
+        x = timed("channel mean", decode.to_mono, x2)
+        x = timed("resample", resample, x, sr, spec.sample_rate, spec.resample)
+        ms = timed("silence + trim", loudness.frame_mean_squares, x, loudness.TRIM_FRAME_LENGTH, loudness.TRIM_HOP_LENGTH)
         if spec.trim_top_db is not None:
-            start, end = timed("silence + trim", audio._interval, ms, x.shape[0], spec.trim_top_db, audio.TRIM_HOP_LENGTH)
+            start, end = timed(
+                "silence + trim", loudness.kept_interval, ms, x.shape[0], spec.trim_top_db, loudness.TRIM_HOP_LENGTH
+            )
             x = x[start:end]
         f = timed("log-mel transform", lambda y: transform([y])[0], x)
         f16 = timed("float16 + checks", _checked, f, spec.n_mels)

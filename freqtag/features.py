@@ -18,7 +18,7 @@ import yaml
 
 __all__ = ["FeatureSpec", "available_features", "RESAMPLERS", "WINDOWS", "LEGACY_DEFAULTS"]
 
-# How a file is brought to the recipe's rate (freqtag.audio.decode.resample): "sinc" is torchaudio's band-limited
+# How a file is brought to the recipe's rate (freqtag.audio.resample.resample): "sinc" is torchaudio's band-limited
 # resampler; "linear" is libsamplerate's SRC_LINEAR as Essentia's MonoLoader(resampleQuality=4) runs it,
 # no anti-aliasing filter, so energy above the new Nyquist folds into the top bands as in MTG's files.
 RESAMPLERS = ("sinc", "linear")

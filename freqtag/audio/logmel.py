@@ -1,25 +1,38 @@
-"""The recipes' log-mel transform, batched on a torch device (see REFERENCE.md, Features).
+"""The recipes' log-mel transform, batched on a torch device.
 
 :class:`LogMel` takes mono waveforms at the recipe's rate, as
-:func:`freqtag.audio.decode.waveform` makes them, and returns (frames, n_mels)
-float32 features: the arithmetic of torchaudio's ``MelSpectrogram`` +
-``AmplitudeToDB`` with the recipe's arguments (``mel128``), or of
-``Spectrogram`` (symmetric Hann window, as Essentia's) + Slaney
-``melscale_fbanks`` + ``20*log10`` (``mel96``).
+:func:`freqtag.audio.whole.waveform` makes them, and returns (frames, n_mels)
+float32 features: framing, window, FFT, power, mel filterbank,
+``db_multiplier * log10(max(x, amin))``, optional first frame dropped. The
+recipes (``conf/features/*.yaml``, read as :class:`freqtag.features.FeatureSpec`):
+
+- ``mel128`` is torchaudio's ``MelSpectrogram`` + ``AmplitudeToDB`` (44.1 kHz,
+  n_fft 2048, hop 1024, 0-16 kHz, 128 HTK bands without norm, power 2,
+  reflect padding, 10*log10) on the trimmed signal, first frame dropped; equal
+  to the reference preprocessing (librosa's trim, torchaudio) to float32
+  rounding, ~1e-5 dB.
+- ``mel96`` is MTG's Essentia recipe as torchaudio formulates it (12 kHz
+  resampled linearly, ``Spectrogram(n_fft=512, hop_length=256, power=2,
+  center=True, pad_mode="constant")`` with a symmetric Hann window, 96 Slaney
+  filters of unit area over 0-6 kHz, ``20*log10``). Essentia yields one more
+  trailing frame (a last, mostly zero-padded frame); we do not add it: the
+  spec has no field for it, it holds at most the last 21 ms of the track, and
+  whole-track evaluation uses non-overlapping windows.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
 import torch
 import torchaudio
 
-from freqtag.audio.decode import one_torch_thread
+from freqtag.audio.threads import one_torch_thread
 from freqtag.features import FeatureSpec
 
-__all__ = ["LogMel", "mel_filterbank", "analysis_window", "BLOCK_FRAMES"]
+__all__ = ["LogMel", "cached_logmel", "mel_filterbank", "analysis_window", "BLOCK_FRAMES"]
 
 # Frames per transform block (see LogMel): a fixed shape per recipe.
 BLOCK_FRAMES = 512
@@ -67,7 +80,7 @@ class LogMel:
 
     ``LogMel(spec)(waves)`` takes mono signals at ``spec.sample_rate`` (numpy
     or torch, any lengths) and returns one float32 (frames, n_mels) numpy
-    array per signal, frames as :func:`freqtag.audio.decode.frame_count` says.
+    array per signal, frames as :func:`freqtag.audio.frames.frame_count` says.
 
     Each signal is padded by n_fft//2 on both sides (``spec.pad_mode``, as
     ``torch.stft(center=True)`` does) and cut into frames; the frames of all
@@ -158,3 +171,9 @@ class LogMel:
         flush()
         first = int(spec.drop_first_frame)
         return [torch.cat(p)[first:].cpu().numpy() for p in pieces]
+
+
+@functools.lru_cache(maxsize=8)
+def cached_logmel(spec: FeatureSpec, device: str = "cpu") -> LogMel:
+    """One :class:`LogMel` per recipe and device in a process: its window and filterbank are built once."""
+    return LogMel(spec, device)

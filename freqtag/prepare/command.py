@@ -14,7 +14,7 @@ Three separate pieces, so that a source only adds a job list and a loader:
 
 :func:`prepare_npy` wires them up for MTG-Jamendo's distributed ``.npy`` mels,
 :func:`prepare_audio` for audio files: decoded, resampled and trimmed in the
-workers by :func:`freqtag.audio.decode.waveform`; transformed by
+workers by :func:`freqtag.audio.whole.waveform`; transformed by
 :class:`freqtag.audio.logmel.LogMel` in each worker (CPU), or here in batches
 (``--device cuda``, or no workers).
 """
@@ -690,8 +690,8 @@ def audio_jobs(
 
 
 def load_audio(job: Job, spec: FeatureSpec, min_frames: int) -> np.ndarray:
-    """A job's mono waveform at the recipe's rate, trimmed (see :func:`freqtag.audio.decode.waveform`)."""
-    from freqtag.audio import decode as audio
+    """A job's mono waveform at the recipe's rate, trimmed (see :func:`freqtag.audio.whole.waveform`)."""
+    from freqtag.audio import whole as audio
 
     try:
         return audio.waveform(job.source, spec, min_frames)
@@ -701,7 +701,7 @@ def load_audio(job: Job, spec: FeatureSpec, min_frames: int) -> np.ndarray:
 
 def load_audio_features(job: Job, spec: FeatureSpec, min_frames: int) -> np.ndarray:
     """A job's features, decoded and transformed here (a CPU worker; see :func:`prepare_audio`)."""
-    from freqtag.audio import decode as audio
+    from freqtag.audio import whole as audio
 
     try:
         return audio.features_from_file(job.source, spec, min_frames=min_frames)
@@ -742,7 +742,7 @@ def prepare_audio(
     in this process, batched over the waveforms the workers hand over; with
     ``cpu`` and workers, in each worker on its own files, since handing a
     waveform between processes costs more than transforming it. Files that
-    give no features (see :func:`freqtag.audio.decode.waveform`), including tracks
+    give no features (see :func:`freqtag.audio.whole.waveform`), including tracks
     shorter than ``min_frames`` frames, are skipped and listed in
     ``STORE.report.tsv``. Re-running resumes an interrupted run; a finished
     store is left untouched.
@@ -794,5 +794,5 @@ def prepare_audio(
         transform=transform,
         initializer=audio.quiet_decoder_messages,
         chunk_size=CHUNK_SIZE if in_workers else AUDIO_CHUNK_SIZE,
-        preload=("freqtag.audio.decode", "freqtag.audio.logmel") if in_workers else ("freqtag.audio.decode",),
+        preload=("freqtag.audio.whole", "freqtag.audio.logmel") if in_workers else ("freqtag.audio.whole",),
     )

@@ -1,7 +1,7 @@
 """`freqtag export`: a checkpoint as a self-contained TorchScript or ONNX model plus a sidecar JSON.
 
 The exported model takes **raw** log-mel features, exactly as the checkpoint's
-recipe computes them (``freqtag.audio.decode.features_from_file`` gives (frames,
+recipe computes them (``freqtag.audio.whole.features_from_file`` gives (frames,
 bands): transpose to (bands, frames)), shaped (batch, bands, frames) float32,
 and returns per-window probabilities (batch, windows, tags)
 (:class:`freqtag.tag.models.RawMelTagger`): the train-split

@@ -240,7 +240,7 @@ class TaggerModel:
         logits = self._forward(x).float()
         if logits.device.type != "cpu":
             return torch.sigmoid(logits).transpose(1, 2)
-        from freqtag.audio.decode import one_torch_thread
+        from freqtag.audio.threads import one_torch_thread
 
         with one_torch_thread():
             return torch.sigmoid(logits).transpose(1, 2)

@@ -4,7 +4,7 @@ distributed ``.npy`` files, so freqtag's mel96 of the same audio must give what 
 Essentia (AGPL-3.0; it decodes with FFmpeg) is a test-only dependency. Run as a script to print the figures
 of README's "Features from audio" (before/after, per clip and per generated format):
 
-    .venv/bin/python tests/test_essentia.py
+    .venv/bin/python tests/audio/test_essentia.py
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ es = pytest.importorskip(
 )
 import essentia  # noqa: E402
 
-from freqtag.audio.decode import features_from_file, resample  # noqa: E402
+from freqtag.audio.resample import resample  # noqa: E402
+from freqtag.audio.whole import features_from_file  # noqa: E402
 from freqtag.features import FeatureSpec  # noqa: E402
 
 essentia.log.infoActive = False  # its INFO lines would fill the test output

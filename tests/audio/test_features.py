@@ -1,4 +1,4 @@
-"""The two feature recipes from audio (freqtag.audio.decode): against the reference chains, the recipe's
+"""The two feature recipes from audio (freqtag.audio): against the reference chains, the recipe's
 definitions, and audio that is real, generated, or broken."""
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from freqtag.audio import decode as audio
-from freqtag.audio.decode import AudioError, features_from_file, nonsilent_interval
+from freqtag.audio.frames import frame_count
 from freqtag.audio.logmel import LogMel, mel_filterbank
-from freqtag.audio.stream import LinearBlockResampler, stream_features
+from freqtag.audio.loudness import nonsilent_interval
+from freqtag.audio.resample import LinearBlockResampler, linear_count, linear_step, resample
+from freqtag.audio.stream import stream_features
+from freqtag.audio.whole import features_from_file
 from freqtag.features import LEGACY_DEFAULTS, FeatureSpec
+
+from audio_signals import tone
 
 # librosa.load imports audioread, which imports modules Python 3.13 drops
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:audioread")
@@ -51,23 +55,18 @@ def reference_mel128(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference_mel96(y: np.ndarray, sr: int) -> np.ndarray:
-    """REFERENCE.md's torchaudio formulation of MTG's Essentia recipe: (frames, 96) dB.
+    """The torchaudio formulation of MTG's Essentia recipe (12 kHz, n_fft 512, hop 256, symmetric Hann, 96 Slaney
+    bands of unit area over 0-6 kHz, 20*log10): (frames, 96) dB.
 
     On the signal resampled linearly (tested on its own below and, against Essentia, in test_essentia.py).
     """
-    y12 = torch.from_numpy(audio.resample(y, sr, 12000, "linear"))
+    y12 = torch.from_numpy(resample(y, sr, 12000, "linear"))
     power = torchaudio.transforms.Spectrogram(
         n_fft=512, hop_length=256, power=2, center=True, pad_mode="constant",
         window_fn=functools.partial(torch.hann_window, periodic=False),
     )(y12)  # fmt: skip
     fb = torchaudio.functional.melscale_fbanks(257, 0, 6000, 96, 12000, norm="slaney", mel_scale="slaney")
     return (20 * torch.log10(torch.clamp(power.T @ fb, min=1e-10))).numpy()
-
-
-def tone(seconds: float, sr: int, freq: float = 440.0, amp: float = 0.3, noise: float = 0.02, seed: int = 0) -> np.ndarray:
-    t = np.arange(int(seconds * sr)) / sr
-    rng = np.random.default_rng(seed)
-    return (amp * np.sin(2 * np.pi * freq * t) + noise * rng.standard_normal(t.size)).astype(np.float32)
 
 
 # ------------------------------------------------------------------ real music
@@ -212,27 +211,27 @@ def stepwise_linear(x: np.ndarray, step: float) -> np.ndarray:
 @pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 32000, 44100, 48000])
 def test_linear_resampling_follows_libsamplerates_loop(rate: int) -> None:
     rng = np.random.default_rng(rate)
-    step = audio.linear_step(rate, 12000)
+    step = linear_step(rate, 12000)
     assert step == 1.0 / float(np.float32(12000) / np.float32(rate))  # Essentia's float32 ratio, not rate/12000
     for n in (1, 2, 3, 7, 1000, 4321):
         x = rng.standard_normal(n).astype(np.float32)
-        ours = audio.resample(x, rate, 12000, "linear")
+        ours = resample(x, rate, 12000, "linear")
         ref = stepwise_linear(x, step)
-        assert ours.dtype == np.float32 and ours.shape == (audio.linear_count(n, step),), (rate, n)
+        assert ours.dtype == np.float32 and ours.shape == (linear_count(n, step),), (rate, n)
         # t accumulated vs k*step: the last bits, and at 8/16/32 kHz (steps 2/3, 4/3, 8/3, whose sums fall
         # just short of whole numbers) the loop may add one output on the very last sample
         extra = 1 if rate in (8000, 16000, 32000) else 0
         assert 0 <= ref.shape[0] - ours.shape[0] <= extra, (rate, n, ref.shape, ours.shape)
         assert ours[0] == x[0]  # the first output is the first sample
         np.testing.assert_allclose(ours, ref[: ours.shape[0]], rtol=0, atol=1e-6)
-    assert audio.resample(x, 12000, 12000, "linear") is x
+    assert resample(x, 12000, 12000, "linear") is x
 
 
 def test_linear_resampling_streamed_equals_the_whole_signal(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     for rate in (44100, 11025, 48000):
         x = tone(3.0, rate, 5000.0, noise=0.1, seed=rate)
-        whole = audio.resample(x, rate, 12000, "linear")
+        whole = resample(x, rate, 12000, "linear")
         resampler, parts, i = LinearBlockResampler(rate, 12000), [], 0
         while i < x.size:
             n = int(rng.choice([0, 1, 2, 255, 4096, 30000]))  # empty, single-sample and odd blocks
@@ -251,7 +250,7 @@ def test_linear_resampling_streamed_equals_the_whole_signal(tmp_path: Path) -> N
 def test_linear_resampling_keeps_aliased_energy() -> None:
     """A 7 kHz tone at 44.1 kHz folds to 5 kHz at 12 kHz with linear interpolation; the sinc filter removes it."""
     x = tone(2.0, 44100, 7000.0, noise=0.0)
-    db = {m: LogMel(dataclasses.replace(MEL96, resample=m))([audio.resample(x, 44100, 12000, m)])[0].mean(axis=0)
+    db = {m: LogMel(dataclasses.replace(MEL96, resample=m))([resample(x, 44100, 12000, m)])[0].mean(axis=0)
           for m in ("linear", "sinc")}  # fmt: skip
     band = int(mel_filterbank(MEL96).numpy()[round(5000 * 512 / 12000)].argmax())
     assert db["linear"].argmax() == band
@@ -297,7 +296,7 @@ def test_batched_transform_equals_torchaudio_and_ignores_batch_company(spec: Fea
     together = transform(waves)
     reverse = transform(waves[::-1])[::-1]
     for w, a, b, c in zip(waves, alone, together, reverse):
-        assert a.shape == (audio.frame_count(w.size, spec), spec.n_mels)
+        assert a.shape == (frame_count(w.size, spec), spec.n_mels)
         np.testing.assert_array_equal(a, b)  # bit for bit, whatever the other tracks of the batch
         np.testing.assert_array_equal(a, c)
         mel = torchaudio.transforms.MelSpectrogram(
@@ -317,94 +316,3 @@ def test_device_that_is_not_there_is_a_clear_error() -> None:
         LogMel(MEL128, "cuda")
     with pytest.raises(ValueError, match="--device tpu"):
         LogMel(MEL128, "tpu")
-
-
-# ----------------------------------------------------------- decoding, formats
-
-
-def test_formats_rates_and_channels_agree(tmp_path: Path) -> None:
-    sr = 22050
-    left, right = tone(4.0, sr, 440.0, seed=1), tone(4.0, sr, 2500.0, amp=0.1, seed=2)
-    stereo = np.stack([left, right], axis=1)
-    sf.write(tmp_path / "mono.wav", (left + right) / np.float32(2), sr, subtype="FLOAT")
-    sf.write(tmp_path / "stereo.wav", stereo, sr, subtype="FLOAT")
-    for name, kwargs in {"a.flac": {"subtype": "PCM_24"}, "a.ogg": {}, "a.mp3": {}}.items():
-        sf.write(tmp_path / name, stereo, sr, **kwargs)
-    for spec in (MEL96, MEL128):
-        mono = features_from_file(tmp_path / "mono.wav", spec)
-        # channels are averaged in float32, then resampled: the same features as the averaged file
-        np.testing.assert_array_equal(features_from_file(tmp_path / "stereo.wav", spec), mono)
-        x, rate = audio.decode(tmp_path / "stereo.wav")
-        assert rate == sr and x.dtype == np.float32 and x.ndim == 1
-        assert mono.shape[0] == audio.frame_count(round(4.0 * spec.sample_rate), spec)
-        loud = mono > mono.max() - 60
-        np.testing.assert_allclose(features_from_file(tmp_path / "a.flac", spec)[loud], mono[loud], atol=0.05)
-        for lossy in ("a.ogg", "a.mp3"):  # lossy codecs: the same bands carry the energy
-            got = features_from_file(tmp_path / lossy, spec)
-            assert abs(got.shape[0] - mono.shape[0]) <= 2, lossy
-            n = min(got.shape[0], mono.shape[0])
-            peak = np.argsort(mono[:n].mean(axis=0))[-2:]
-            assert set(np.argsort(got[:n].mean(axis=0))[-2:]) == set(peak), lossy
-    # 440 Hz lands in the mel96 band whose triangle holds 440 Hz
-    fb = mel_filterbank(MEL96).numpy()
-    assert features_from_file(tmp_path / "mono.wav", MEL96).mean(axis=0).argmax() == fb[round(440 * 512 / 12000)].argmax()
-
-
-def write_bytes(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
-
-
-def test_bad_audio_raises_audio_error_with_its_reason(tmp_path: Path) -> None:
-    sr = 44100
-    rng = np.random.default_rng(5)
-    sf.write(tmp_path / "good.mp3", tone(5.0, sr), sr)
-    mp3 = (tmp_path / "good.mp3").read_bytes()
-    sf.write(tmp_path / "good.flac", tone(5.0, sr), sr)
-    flac = (tmp_path / "good.flac").read_bytes()
-    nan = tone(5.0, sr)
-    nan[1000] = np.nan
-    sf.write(tmp_path / "nan.wav", nan, sr, subtype="FLOAT")
-    sf.write(tmp_path / "silence.wav", np.zeros(5 * sr, np.float32), sr)
-    sf.write(tmp_path / "hiss.wav", (1e-6 * rng.standard_normal(5 * sr)).astype(np.float32), sr, subtype="FLOAT")
-    sf.write(tmp_path / "short.wav", tone(1.0, sr), sr)
-    cases = {
-        write_bytes(tmp_path / "empty.ogg", b""): "empty file (0 bytes)",
-        write_bytes(tmp_path / "random.mp3", rng.bytes(40_000)): "corrupt or not audio",
-        write_bytes(tmp_path / "random.ogg", rng.bytes(40_000)): "corrupt or not audio: Format not recognised",
-        write_bytes(tmp_path / "text.wav", b"not a wave\n" * 50): "corrupt or not audio",
-        write_bytes(tmp_path / "header_only.mp3", mp3[:300]): "corrupt or not audio",
-        write_bytes(tmp_path / "cut.flac", flac[: len(flac) // 2]): "corrupt or not audio",
-        write_bytes(tmp_path / "song.m4a", b"\x00\x00\x00\x20ftypM4A "): "unsupported audio format .m4a",
-        write_bytes(tmp_path / "notes.txt", b"hello"): "not an audio file name (.txt",
-        tmp_path / "missing.mp3": "missing file",
-        tmp_path / "nan.wav": "non-finite samples",
-        tmp_path / "silence.wav": "silent: the loudest frame is digital silence",
-        tmp_path / "hiss.wav": "silent: the loudest frame is -120 dBFS",
-        tmp_path / "short.wav": "too short: 1.00 s after trimming gives 43 frames of mel128, fewer than the 128",
-    }
-    for path, words in cases.items():
-        with pytest.raises(AudioError) as caught:
-            features_from_file(path, MEL128, min_frames=128)
-        assert words in caught.value.reason, (path.name, caught.value.reason)
-        assert str(caught.value).startswith(str(path)) and "\n" not in caught.value.reason
-        assert isinstance(caught.value, ValueError)
-    assert features_from_file(tmp_path / "short.wav", MEL128).shape == (43, 128)  # min_frames defaults to 1
-
-
-def test_min_frames_boundary_and_truncated_mp3(tmp_path: Path) -> None:
-    sr = 12000  # mel96 does not trim: frames = 1 + samples // 256
-    sf.write(tmp_path / "exact.wav", tone(127 * 256 / sr, sr), sr, subtype="FLOAT")
-    sf.write(tmp_path / "under.wav", tone((127 * 256 - 1) / sr, sr), sr, subtype="FLOAT")
-    assert features_from_file(tmp_path / "exact.wav", MEL96, min_frames=128).shape == (128, 96)
-    with pytest.raises(AudioError, match="gives 127 frames of mel96, fewer than the 128"):
-        features_from_file(tmp_path / "under.wav", MEL96, min_frames=128)
-
-    # a truncated MP3 gives the part that decodes: the leading frames of the whole file
-    sf.write(tmp_path / "whole.mp3", tone(10.0, 44100), 44100)
-    data = (tmp_path / "whole.mp3").read_bytes()
-    (tmp_path / "cut.mp3").write_bytes(data[: int(len(data) * 0.6)])
-    whole = features_from_file(tmp_path / "whole.mp3", MEL128)
-    cut = features_from_file(tmp_path / "cut.mp3", MEL128)
-    assert 0.5 * whole.shape[0] < cut.shape[0] < 0.7 * whole.shape[0]
-    np.testing.assert_allclose(cut[:-2], whole[: cut.shape[0] - 2], atol=1e-3)

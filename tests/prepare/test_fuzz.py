@@ -19,7 +19,7 @@ import soundfile as sf
 from helpers import FREQTAG
 from tiny_data import config, make_tiny
 
-from freqtag.audio.decode import features_from_file
+from freqtag.audio.whole import features_from_file
 from freqtag.data.store import FeatureStore
 from freqtag.features import FeatureSpec
 from freqtag.prepare.command import read_report, report_path

@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 from helpers import assert_same_store, freqtag  # the same store-equality check as the npy import
 
-from freqtag.audio.decode import features_from_file
+from freqtag.audio.whole import features_from_file
 from freqtag.data import jamendo
 from freqtag.data.store import FeatureStore, StoreError, StoreWriter
 from freqtag.features import LEGACY_DEFAULTS, FeatureSpec

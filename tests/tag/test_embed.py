@@ -16,7 +16,7 @@ import torch
 from helpers import CLIPS as CLIPS_DIR
 from tagging_models import trained_runs
 
-from freqtag.audio.decode import features_from_file
+from freqtag.audio.whole import features_from_file
 from freqtag.cli import main as freqtag_main
 from freqtag.tag.models import LAYERS, load_model
 from freqtag.tag.predict import tag_file

@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 from tagging_models import trained_runs
 
-from freqtag.audio.decode import features_from_file
+from freqtag.audio.whole import features_from_file
 from freqtag.model import FreqTagNet
 from freqtag.tag.export import export_checkpoint
 from freqtag.tag.models import load_model

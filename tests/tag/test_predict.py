@@ -23,7 +23,7 @@ from helpers import REPO
 from tagging_models import trained_runs
 
 from freqtag.audio import stream as audiostream
-from freqtag.audio.decode import features_from_file
+from freqtag.audio.whole import features_from_file
 from freqtag.data.store import FeatureStore
 from freqtag.metrics import best_f1_thresholds
 from freqtag.tag.models import load_model, read_thresholds
