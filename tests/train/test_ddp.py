@@ -16,7 +16,8 @@ from test_training import SMALL as TRAINING_SMALL
 
 from freqtag.data.datamodule import JamendoDataModule
 from freqtag.features import FeatureSpec
-from freqtag.train.driver import build_net, evaluate_tracks
+from freqtag.train.driver import build_net
+from freqtag.train.evaluation import evaluate_tracks
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [*TRAINING_SMALL, "trainer=ddp_cpu", "trainer.devices=2"]  # the single-process run, on 2 CPU processes

@@ -28,8 +28,11 @@ from freqtag.system import faults
 from freqtag.system.faults import FAULT_ENV, DiskFullError
 from freqtag.system.memory import OutOfMemory
 from freqtag.tag.models import TIME_MIXING, batch_track_probabilities
-from freqtag.train import driver as training
-from freqtag.train.driver import AtomicCheckpointIO, TrackBatchSampler, evaluate_tracks, run, user_error
+from freqtag.train import checkpoints, evaluation
+from freqtag.train.checkpoints import AtomicCheckpointIO
+from freqtag.train.driver import run
+from freqtag.train.evaluation import TrackBatchSampler, evaluate_tracks
+from freqtag.train.main import user_error
 from freqtag.train.module import track_probabilities
 from freqtag.train.overrides import ConfigError
 
@@ -132,7 +135,7 @@ def test_one_track_and_ranks_sharing_the_tracks(dm, alone, monkeypatch):
         if t.dtype == torch.int32:
             t.fill_(1)
 
-    monkeypatch.setattr(training, "distributed", lambda: True)
+    monkeypatch.setattr(evaluation, "distributed", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     for rank in (0, 1):
         monkeypatch.setattr(dm, "_rank", lambda r=rank: (r, 2))
@@ -151,7 +154,7 @@ def test_out_of_memory_in_a_batched_evaluation_names_the_setting(dm, monkeypatch
     def boom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity of 1")
 
-    monkeypatch.setattr(training, "batch_track_probabilities", boom)
+    monkeypatch.setattr(evaluation, "batch_track_probabilities", boom)
     with pytest.raises(OutOfMemory) as e:
         evaluate_tracks(net("convs"), dm, "test", torch.device("cpu"), eval_batch_frames=65536)
     msg = str(e.value)
@@ -213,7 +216,7 @@ def test_background_write_is_the_synchronous_file(tmp_path):
 def test_snapshot_taken_before_training_goes_on_and_one_write_at_a_time(tmp_path, monkeypatch):
     release = threading.Event()
     order: list[str] = []
-    real = training.atomic_save_bytes
+    real = checkpoints.atomic_save_bytes
 
     def slow_disk(data, path):  # the disk holds the first write until the test says so
         order.append(f"start {Path(path).name}")
@@ -222,7 +225,7 @@ def test_snapshot_taken_before_training_goes_on_and_one_write_at_a_time(tmp_path
         real(data, path)
         order.append(f"done {Path(path).name}")
 
-    monkeypatch.setattr(training, "atomic_save_bytes", slow_disk)
+    monkeypatch.setattr(checkpoints, "atomic_save_bytes", slow_disk)
     io = AtomicCheckpointIO(async_checkpoint=True)
     ckpt = lightning_like()
     before = ckpt["state_dict"]["net.w"].clone()
