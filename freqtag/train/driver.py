@@ -215,7 +215,8 @@ def _build(cfg: DictConfig, made: list[JamendoDataModule],
     callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
     swa = next((c for c in callbacks.values() if isinstance(c, SWA)), None)
     if swa is None:
-        raise ValueError("callbacks.swa is missing: the final model is the SWA model (see REFERENCE.md)")
+        raise ValueError("callbacks.swa is missing: the final model is the average of the last epochs' weights "
+                         "(SWA); keep callbacks.swa (conf/callbacks/default.yaml)")
     if cfg.get("ckpt_path"):
         check_resume(cfg.ckpt_path, dm)
     ckpt_io.run_info = run_info(dm)
