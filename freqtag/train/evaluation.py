@@ -140,17 +140,7 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
                     probs[items] = track_probabilities(net, batch["x"])
                 seen[items] += 1
     except torch.OutOfMemoryError:  # named here, where the tracks are known; nothing is formatted per track
-        ids = dm.splits[split].split.track_ids
-        got = [int(i) for i in batch["item"]] if "item" in batch else []
-        if len(got) > 1:
-            what = (f"whole-track evaluation of {split} tracks {ids[got[0]]} and {len(got) - 1} more "
-                    f"({len(got)} x {int(batch['x'].shape[-1])} frames in one pass) on {device}")
-            fix = (f"lower eval_batch_frames (now {eval_batch_frames}; 0 scores one track per pass), evaluate on a "
-                   f"GPU with more free memory (fewer jobs on it), or run predict with --device cpu")
-        else:
-            what = f"whole-track evaluation of {split} track {ids[got[0]] if got else '?'} on {device}"
-            fix = "evaluate on a GPU with more free memory (fewer jobs on it), or run predict with --device cpu"
-        with out_of_memory(what, fix):
+        with out_of_memory(*_failed_pass(dm, split, batch, device, eval_batch_frames)):
             raise
     if distributed():
         torch.distributed.all_reduce(probs)
@@ -159,3 +149,18 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
         twice, never = int((seen > 1).sum()), int((seen == 0).sum())
         raise RuntimeError(f"{split}: {twice} tracks scored more than once and {never} never; the evaluation is wrong")
     return probs.cpu().numpy()
+
+
+def _failed_pass(dm: JamendoDataModule, split: str, batch: dict[str, Any], device: torch.device,
+                 eval_batch_frames: int) -> tuple[str, str]:  # fmt: skip
+    """(what ran out of memory, the fix) for the pass of ``batch``: its tracks, frames and settings."""
+    ids = dm.splits[split].split.track_ids
+    got = [int(i) for i in batch["item"]] if "item" in batch else []
+    if len(got) > 1:
+        what = (f"whole-track evaluation of {split} tracks {ids[got[0]]} and {len(got) - 1} more "
+                f"({len(got)} x {int(batch['x'].shape[-1])} frames in one pass) on {device}")
+        fix = (f"lower eval_batch_frames (now {eval_batch_frames}; 0 scores one track per pass), evaluate on a "
+               f"GPU with more free memory (fewer jobs on it), or run predict with --device cpu")
+        return what, fix
+    what = f"whole-track evaluation of {split} track {ids[got[0]] if got else '?'} on {device}"
+    return what, "evaluate on a GPU with more free memory (fewer jobs on it), or run predict with --device cpu"
