@@ -21,14 +21,15 @@ __all__ = ["AtomicCheckpointIO", "ResumeError", "check_resume", "run_info", "che
 
 
 class ResumeError(ValueError):
-    """``ckpt_path`` names a checkpoint this run cannot continue (missing, damaged, other tags or features)."""
+    """``ckpt_path`` names a checkpoint this run cannot continue (missing, damaged, other tags, features or
+    ``trainer.max_epochs``)."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints (last.ckpt) written through ``atomic_save``, carrying what the run was trained on.
 
-    ``run_info`` (tags, feature recipe, input length) is stored under the
-    ``freqtag`` key, so a resume with other tags or features is refused
+    ``run_info`` (tags, feature recipe, input length, max_epochs) is stored under
+    the ``freqtag`` key, so a resume with other tags, features or max_epochs is refused
     before training (:func:`check_resume`) instead of loading silently.
 
     ``async_checkpoint``: the step loop does not wait for the disk. The
@@ -99,12 +100,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().teardown()
 
 
-def run_info(dm: JamendoDataModule) -> dict[str, Any]:
-    return {"tags": list(dm.tags), "features": dm.spec.to_dict(), "input_length": dm.input_length}
+def run_info(dm: JamendoDataModule, max_epochs: int | None = None) -> dict[str, Any]:
+    """What a resume must agree with, stored in last.ckpt under ``freqtag``."""
+    info: dict[str, Any] = {"tags": list(dm.tags), "features": dm.spec.to_dict(), "input_length": dm.input_length}
+    if max_epochs is not None:
+        info["max_epochs"] = int(max_epochs)
+    return info
 
 
-def check_resume(ckpt_path: str | Path, dm: JamendoDataModule) -> None:
-    """Refuse, before any training, a ``ckpt_path`` that is missing, unreadable, or made with other tags/features."""
+def check_resume(ckpt_path: str | Path, dm: JamendoDataModule, max_epochs: int | None = None) -> None:
+    """Refuse, before any training, a ``ckpt_path`` that is missing, unreadable, or made with other tags/features
+    or (``max_epochs`` given) another ``trainer.max_epochs``, on which the cosine schedule and the SWA start depend."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise ResumeError(f"ckpt_path={path}: no such file; resume from <run>/checkpoints/last.ckpt of the killed run")
@@ -131,6 +137,13 @@ def check_resume(ckpt_path: str | Path, dm: JamendoDataModule) -> None:
             f"ckpt_path={path} was trained on '{info['features']['name']}' features, this run uses "
             f"{dm.spec.name} ({dm.store_path}) with another recipe: resume with features={info['features']['name']} "
             f"and its store, or start a new run without ckpt_path"
+        )
+    theirs = info.get("max_epochs")
+    if max_epochs is not None and theirs is not None and int(theirs) != int(max_epochs):
+        raise ResumeError(
+            f"ckpt_path={path} was trained with trainer.max_epochs={theirs}, this run has trainer.max_epochs="
+            f"{max_epochs}: the cosine learning-rate schedule and the SWA start depend on it; resume with "
+            f"trainer.max_epochs={theirs}, or start a new run without ckpt_path"
         )
 
 

@@ -217,9 +217,10 @@ def _build(cfg: DictConfig, made: list[JamendoDataModule],
     if swa is None:
         raise ValueError("callbacks.swa is missing: the final model is the average of the last epochs' weights "
                          "(SWA); keep callbacks.swa (conf/callbacks/default.yaml)")
+    max_epochs = cfg.trainer.get("max_epochs")
     if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, dm)
-    ckpt_io.run_info = run_info(dm)
+        check_resume(cfg.ckpt_path, dm, max_epochs)
+    ckpt_io.run_info = run_info(dm, max_epochs)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),

@@ -318,3 +318,31 @@ def test_killed_during_a_checkpoint_write_resumes_like_an_uninterrupted_run(tiny
     for split in ("validation", "test"):
         np.testing.assert_array_equal(np.load(run_dir / "predictions" / f"{split}.npz")["probs"],
                                       np.load(tmp_path / "whole" / "predictions" / f"{split}.npz")["probs"])
+
+
+# resume: the schedule's length ---------------------------------------------------------------------------------------
+def test_a_resume_with_another_max_epochs_is_refused_before_training(tiny, tmp_path):
+    """The cosine schedule and the SWA start are laid out over trainer.max_epochs: a resume must keep it."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf, open_dict
+
+    from freqtag.features import FeatureSpec
+    from freqtag.train.checkpoints import ResumeError, check_resume, run_info
+
+    cfg = config(tiny, tmp_path / "run", "trainer.max_epochs=3")
+    spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))
+    d = instantiate(cfg.data, features=spec, _recursive_=False)
+    d.check()
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"epoch": 0, "freqtag": run_info(d, 2)}, ckpt)
+    check_resume(ckpt, d, 2)  # the same max_epochs: accepted
+    check_resume(ckpt, d)  # not asked: accepted
+    d.release()
+    with open_dict(cfg):
+        cfg.ckpt_path = str(ckpt)
+    with pytest.raises(ResumeError) as e:
+        run(cfg)
+    line = str(e.value)
+    assert "trainer.max_epochs=2" in line and "trainer.max_epochs=3" in line and "\n" not in line
+    assert "resume with trainer.max_epochs=2" in line and user_error(e.value) is e.value
+    assert not (tmp_path / "run" / "checkpoints").exists()
