@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_prepare import assert_same_store
 from tiny_data import FREQTAG, Tiny, make_tiny, run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "prepare"))  # tests/system run alone: find test_prepare
+from test_prepare import assert_same_store  # noqa: E402 (the prepare tests' store equality)
 
 from freqtag.data.store import FeatureStore, StoreWriter
 from freqtag.features import FeatureSpec
