@@ -1,6 +1,6 @@
 """Epoch ends (#14.5): whole-track evaluation one track per pass vs batched, and the stall at a checkpoint.
 
-1. ``evaluation``: :func:`freqtag.train.driver.evaluate_tracks` on the same test
+1. ``evaluation``: :func:`freqtag.train.evaluation.evaluate_tracks` on the same test
    split, ``eval_batch_frames=0`` (one track per forward pass, as before) against
    ``--batch-frames`` (tracks of similar length sharing a pass, masked),
    alternating over ``--rounds`` after a warm-up pass. The tracks are random
@@ -13,7 +13,7 @@
 
 2. ``checkpoint``: a Lightning-sized last.ckpt (the paper's model at mel128:
    weights, SGD momentum, the SWA average; about 213 MB) saved through
-   :class:`freqtag.train.driver.AtomicCheckpointIO` with ``async_checkpoint`` false
+   :class:`freqtag.train.checkpoints.AtomicCheckpointIO` with ``async_checkpoint`` false
    and true, alternating over ``--rounds``, into ``--dir`` (fsynced). Figures:
    ``stall_s``, the time the caller spends in ``save_checkpoint`` (what the step
    loop waits for); ``steps_after_s``, ``--steps`` real training steps (the same
@@ -116,7 +116,7 @@ def make_split(root: Path, n: int, min_s: float, max_s: float) -> Any:
 
 def evaluation(args: argparse.Namespace, scratch: Path, tracks: int, min_s: float, max_s: float) -> dict[str, Any]:
     from freqtag.model import FreqTagNet
-    from freqtag.train.driver import TrackBatchSampler, evaluate_tracks
+    from freqtag.train.evaluation import TrackBatchSampler, evaluate_tracks
 
     dm = make_split(scratch / f"eval-{tracks}-{min_s}-{max_s}", tracks, min_s, max_s)
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def step(net: torch.nn.Module, opt: torch.optim.Optimizer, batch: int) -> None:
 
 
 def checkpoint(args: argparse.Namespace) -> dict[str, Any]:
-    from freqtag.train.driver import AtomicCheckpointIO
+    from freqtag.train.checkpoints import AtomicCheckpointIO
 
     class Timed(AtomicCheckpointIO):
         """Notes when the background write has the file whole under its name."""

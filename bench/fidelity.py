@@ -11,7 +11,7 @@ from numpy), ``zero_grad -> forward -> backward -> clip_grad_norm_ -> step``,
 the epochs and ``update_bn`` over one more epoch of crops. Both sides use the
 same network code (``freqtag.model``), the same loss (``freqtag.train.losses``), the
 same data (one store, one filtered split) and ONE evaluation
-(``freqtag.train.driver.evaluate_tracks`` + ``freqtag.metrics.tagging_scores``).
+(``freqtag.train.evaluation.evaluate_tracks`` + ``freqtag.metrics.tagging_scores``).
 
 Each ingredient of the plain loop can be swapped for freqtag's, one at a time:
 
@@ -123,7 +123,7 @@ def scores(net, dm, split: str) -> dict[str, float]:
     import torch
 
     from freqtag.metrics import tagging_scores
-    from freqtag.train.driver import evaluate_tracks
+    from freqtag.train.evaluation import evaluate_tracks
 
     probs = evaluate_tracks(net, dm, split, torch.device("cpu"))
     return tagging_scores(probs, dm.splits[split].split.labels)

@@ -918,7 +918,8 @@ def swa_scores(job: dict[str, Any], rank: int = 0, world: int = 1) -> dict[str, 
     With ``world`` > 1 (inside a process group) the DataModule sees a stand-in trainer with this rank, as
     Lightning's would be, so ``evaluate_tracks`` scores this rank's share and sums over the ranks.
     """
-    from freqtag.train.driver import evaluate_tracks, finalize
+    from freqtag.train.driver import finalize
+    from freqtag.train.evaluation import evaluate_tracks
     from freqtag.train.module import TaggingModule
     from freqtag.train.swa import SWA
 
@@ -952,7 +953,7 @@ def ddp_rank(rank: int, world: int, job: dict[str, Any]) -> None:
 
 def stage_ddp(c: Check, fig: dict[str, Any]) -> None:
     """Stage 7: 2 ranks on the one device against one process, and the device against the CPU."""
-    from freqtag.train.driver import evaluate_tracks
+    from freqtag.train.evaluation import evaluate_tracks
 
     needs(c, "synth")
     s = c.sizes

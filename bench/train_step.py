@@ -332,7 +332,7 @@ def ops_per_step(model: str, n_mels: int, length: int, n_tags: int) -> dict[str,
         for m in net.modules():
             if isinstance(m, FreqDepConv):
                 m.impl = "bmm"
-        module = TaggingModule(net, WeightedBCELoss(np.full(n_tags, 0.1)), fused=kind == "fused")
+        module = TaggingModule(net, WeightedBCELoss(np.full(n_tags, 0.1)))  # mixup and loss only; SGD below
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-5,
                               **({"fused": True} if kind == "fused" else {"foreach": True}))
         x, y = torch.randn(4, n_mels, length), (torch.rand(4, n_tags) < 0.2).float()

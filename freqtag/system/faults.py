@@ -1,7 +1,7 @@
 """What happens when the machine fails: a full disk, and named points where tests make the process die.
 
 Two small pieces shared by the writers (:mod:`freqtag.data.store`, the checkpoint
-writer in :mod:`freqtag.train.driver`):
+writer in :mod:`freqtag.train.checkpoints`):
 
 - :func:`disk_full` recognises "no space left" however deep a library wraps
   it (h5py raises ``OSError(28)``, ``torch.save`` a ``RuntimeError`` whose

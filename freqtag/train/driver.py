@@ -11,170 +11,39 @@ Run directory (one Hydra job)::
 
 from __future__ import annotations
 
-import io
 import json
-import sys
-import threading
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-import hydra
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class, instantiate
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
-from torch.utils.data import Dataset, Sampler
 
 from freqtag import __version__
-from freqtag.data.datamodule import DataError, JamendoDataModule, normalised
-from freqtag.data.jamendo import JamendoFormatError
-from freqtag.data.store import FeatureStore, StoreError
+from freqtag.data.datamodule import DataError, JamendoDataModule
 from freqtag.features import FeatureSpec
 from freqtag.metrics import best_f1_thresholds, tagging_scores
 from freqtag.runs import final_path, predictions_path, thresholds_path, write_final, write_predictions, write_thresholds
 from freqtag.system.allocator import keep_freed_memory
-from freqtag.system.atomic import atomic_save, atomic_save_bytes, atomic_write_text
-from freqtag.system.faults import DiskFullError
-from freqtag.system.memory import OutOfMemory, out_of_memory, release_device_memory
-from freqtag.system.precision import evaluation_precision, set_fp32_precision
-from freqtag.system.quiet import quiet_third_party
-from freqtag.tag.models import batch_track_probabilities, masked_layers
-from freqtag.train.loggers import build_logger, finish_wandb, log_final
-from freqtag.train.module import TaggingModule, seed_dropout, track_probabilities
-from freqtag.train.overrides import ConfigError, check_devices, check_overrides, uses_gpu
+from freqtag.system.atomic import atomic_write_text
+from freqtag.system.memory import out_of_memory, release_device_memory
+from freqtag.system.precision import set_fp32_precision
+from freqtag.train.checkpoints import AtomicCheckpointIO, check_async_checkpoint, check_resume, run_info
+from freqtag.train.evaluation import EVAL_BATCH_FRAMES, check_eval_batch_frames, distributed, evaluate_tracks, rank
+from freqtag.train.loggers import build_logger, log_final
+from freqtag.train.module import TaggingModule, seed_dropout
+from freqtag.train.overrides import ConfigError, check_devices, uses_gpu
 from freqtag.train.swa import SWA, recompute_batchnorm
 
-__all__ = [
-    "run", "main", "build_net", "atomic_save", "AtomicCheckpointIO", "evaluate_tracks",
-    "TrainingDiverged", "ResumeError", "check_resume", "EVAL_BATCH_FRAMES", "TrackBatchSampler", "TrackBatchDataset",
-    "check_eval_batch_frames", "check_async_checkpoint",
-]
+__all__ = ["run", "build_net", "build_loss", "set_n_tags", "resolve_precision", "finalize", "check_scorable",
+           "TrainingDiverged"]
 
-#: Frames per forward pass of batched whole-track evaluation (config ``eval_batch_frames``): about 25 minutes of
-#: mel128, the longest single track's pass today, in GPU memory about 1.6 GiB of activations at mel128.
-EVAL_BATCH_FRAMES = 65536
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN/inf: the run stopped; names the checkpoint that is kept and what to change."""
-
-
-class ResumeError(ValueError):
-    """``ckpt_path`` names a checkpoint this run cannot continue (missing, damaged, other tags or features)."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints (last.ckpt) written through ``atomic_save``, carrying what the run was trained on.
-
-    ``run_info`` (tags, feature recipe, input length) is stored under the
-    ``freqtag`` key, so a resume with other tags or features is refused
-    before training (:func:`check_resume`) instead of loading silently.
-
-    ``async_checkpoint``: the step loop does not wait for the disk. The
-    checkpoint is serialised by ``torch.save`` into host memory on the calling
-    thread (a snapshot: the bytes a synchronous save would write, taken before
-    the next step changes a weight), and a background thread writes them
-    atomically (temporary name, fsync, rename). One write at a time: the next
-    save, a load or a removal waits for the one in flight, and so does the end
-    of fit (``teardown``) or a failure. A failed write (disk full: the same
-    one-line :class:`DiskFullError`) is raised by the next of these; when the
-    run is already failing for another reason it is only warned about.
-    Lightning's own ``AsyncCheckpointIO`` is not used: it clones tensors on
-    their device (GPU memory, not host), shares non-tensor state with the
-    trainer, queues any number of snapshots, and re-raises from ``teardown``
-    over the run's own error.
-    """
-
-    def __init__(self, run_info: dict[str, Any] | None = None, async_checkpoint: bool = False) -> None:
-        super().__init__()
-        self.run_info = run_info
-        self.async_checkpoint = bool(async_checkpoint)
-        self._writer: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        if self.run_info is not None:
-            checkpoint = {**checkpoint, "freqtag": self.run_info}
-        if not self.async_checkpoint:
-            atomic_save(checkpoint, path)
-            return
-        self.wait()
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        self._writer = threading.Thread(target=self._write, args=(buffer, Path(path)), name=f"freqtag {Path(path).name}")
-        self._writer.start()
-
-    def _write(self, buffer: io.BytesIO, path: Path) -> None:
-        """The background thread: the serialised checkpoint onto disk; an error is kept for :meth:`wait`."""
-        try:
-            atomic_save_bytes(buffer.getbuffer(), path)
-        except BaseException as e:  # noqa: BLE001 - raised on the training thread by wait()
-            self._error = e
-
-    def wait(self, raise_error: bool = True) -> None:
-        """Block until the write in flight (if any) is on disk under its name; raise its error (``raise_error``)."""
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
-        if self._error is not None and raise_error:
-            error, self._error = self._error, None
-            raise error
-
-    def load_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        self.wait()
-        return super().load_checkpoint(path, *args, **kwargs)
-
-    def remove_checkpoint(self, path: str | Path) -> None:
-        self.wait()
-        super().remove_checkpoint(path)
-
-    def teardown(self) -> None:
-        """End of fit (or a failure): the last write finishes first; its error is raised unless one already is."""
-        failing = sys.exc_info()[1] is not None
-        self.wait(raise_error=not failing)
-        if failing and self._error is not None:
-            error, self._error = self._error, None
-            warnings.warn(f"writing a checkpoint in the background failed as well: {error}", stacklevel=2)
-        super().teardown()
-
-
-def run_info(dm: JamendoDataModule) -> dict[str, Any]:
-    return {"tags": list(dm.tags), "features": dm.spec.to_dict(), "input_length": dm.input_length}
-
-
-def check_resume(ckpt_path: str | Path, dm: JamendoDataModule) -> None:
-    """Refuse, before any training, a ``ckpt_path`` that is missing, unreadable, or made with other tags/features."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ResumeError(f"ckpt_path={path}: no such file; resume from <run>/checkpoints/last.ckpt of the killed run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise ResumeError(
-            f"ckpt_path={path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"it is damaged or not a Lightning checkpoint: resume from another one or start again without ckpt_path"
-        ) from None
-    info = ckpt.get("freqtag") if isinstance(ckpt, dict) else None
-    if info is None:
-        return  # written before checkpoints carried it: Lightning's own checks apply
-    if list(info["tags"]) != list(dm.tags):
-        theirs, ours = list(info["tags"]), list(dm.tags)
-        diff = next((f"tag {i + 1} is {a} there, {b} here" for i, (a, b) in enumerate(zip(theirs, ours)) if a != b),
-                    f"{len(theirs)} tags there, {len(ours)} here")
-        raise ResumeError(
-            f"ckpt_path={path} was trained on another tag list than {dm.tags_source} ({diff}): resume with the "
-            f"run's own data.tags_file, or start a new run without ckpt_path"
-        )
-    if FeatureSpec.from_dict(info["features"]) != dm.spec:
-        raise ResumeError(
-            f"ckpt_path={path} was trained on '{info['features']['name']}' features, this run uses "
-            f"{dm.spec.name} ({dm.store_path}) with another recipe: resume with features={info['features']['name']} "
-            f"and its store, or start a new run without ckpt_path"
-        )
 
 
 def build_net(model_cfg: dict[str, Any] | DictConfig) -> nn.Module:
@@ -210,152 +79,6 @@ def resolve_precision(precision: str | int, accelerator: Any = "auto") -> str | 
     if precision == "auto":
         return "16-mixed" if uses_gpu(accelerator) else "32-true"
     return precision
-
-
-def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if distributed() else 0
-
-
-def check_eval_batch_frames(value: Any) -> int:
-    """``eval_batch_frames`` as an int >= 0, or one :class:`ConfigError` line naming it and the fix."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(
-            f"eval_batch_frames={value!r}: must be 0 (whole-track evaluation one track per forward pass) or a "
-            f"positive number of frames per pass (default {EVAL_BATCH_FRAMES}; lower it if evaluation runs out of memory)"
-        )
-    return value
-
-
-def check_async_checkpoint(value: Any) -> bool:
-    """``async_checkpoint`` as a bool (a string such as "no" would be truthy), or one :class:`ConfigError` line."""
-    if not isinstance(value, bool):
-        raise ConfigError(
-            f"async_checkpoint={value!r}: must be true (last.ckpt written in a background thread) or false "
-            f"(written before the next training step)"
-        )
-    return value
-
-
-class TrackBatchSampler(Sampler[list[int]]):
-    """This rank's tracks (items rank, rank+W, ..., as :class:`~freqtag.data.datamodule.TrackSampler`) in batches of
-    similar length, longest first. A batch is closed when one more track would take it past ``batch_frames``
-    frames padded to its longest (a longer track goes alone), or when the next track is shorter than
-    ``MIN_FILL`` of its longest, so padding is at most a quarter of any pass (on a real split sorted
-    neighbours differ by a few frames; a small split of scattered lengths gets more passes instead).
-    Deterministic; every item exactly once."""
-
-    MIN_FILL = 0.75
-
-    def __init__(self, lengths: np.ndarray, input_length: int, batch_frames: int, rank: int = 0,
-                 world_size: int = 1) -> None:  # fmt: skip
-        items = list(range(rank, len(lengths), world_size))
-        size = {i: max(int(lengths[i]), input_length) for i in items}  # a short track still costs one window
-        items.sort(key=lambda i: (-size[i], i))
-        self.batches: list[list[int]] = []
-        for i in items:
-            batch = self.batches[-1] if self.batches else None
-            longest = size[batch[0]] if batch else 0
-            if batch and (len(batch) + 1) * longest <= batch_frames and size[i] >= self.MIN_FILL * longest:
-                batch.append(i)
-            else:
-                self.batches.append([i])
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter([list(b) for b in self.batches])
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class TrackBatchDataset(Dataset):
-    """Whole tracks of a batch, normalised and zero padded to the longest: ``x`` (B, bands, T), ``frames`` (B,)."""
-
-    def __init__(self, store: FeatureStore, rows: np.ndarray) -> None:
-        self.store = store
-        self.rows = np.asarray(rows, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
-        frames = np.array([int(self.store.lengths[self.rows[i]]) for i in batch], dtype=np.int64)
-        x16 = torch.zeros((len(batch), self.store.n_bands, int(frames.max())), dtype=torch.float16)
-        for k, i in enumerate(batch):
-            x16[k, :, : frames[k]] = torch.from_numpy(self.store.crop(int(self.rows[i]), 0, int(frames[k]))).t()
-        x = normalised(x16, frames, self.store.mean, self.store.std)  # the per-track arithmetic; zero past each end
-        return {"item": torch.tensor(list(batch)), "x": x, "frames": torch.from_numpy(frames)}
-
-
-@torch.no_grad()
-def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: torch.device,
-                    eval_batch_frames: int = 0) -> np.ndarray:  # fmt: skip
-    """Whole-track probabilities (N, n_tags) in split-TSV order.
-
-    ``eval_batch_frames`` 0: one track per forward pass (the reference's
-    evaluation, and this function's default for direct callers). N > 0 (run's
-    config default :data:`EVAL_BATCH_FRAMES`): tracks of similar length share a
-    pass of at most N padded frames (:class:`TrackBatchSampler`), scored by
-    :func:`~freqtag.tag.models.batch_track_probabilities`, whose masks keep the
-    padding out of every track's windows: each row equals the one-track pass to
-    float rounding (bit for bit for a track alone in its pass). Fewer, larger
-    passes keep a GPU busy; a network that cannot be masked is scored one
-    track per pass.
-
-    Under DDP each rank scores its own tracks (never a repeat) and the rows are
-    summed over the ranks, so every rank returns every track exactly once.
-    """
-    eval_batch_frames = check_eval_batch_frames(eval_batch_frames)
-    net.eval().to(device)
-    n = len(dm.splits[split].rows)
-    probs = torch.zeros((n, len(dm.tags)), dtype=torch.float32, device=device)
-    seen = torch.zeros(n, dtype=torch.int32, device=device)
-    batched = eval_batch_frames > 0 and masked_layers(net) is not None
-    if batched:
-        dm.check()
-        assert dm.store is not None
-        rows = dm.splits[split].rows
-        rank, world = dm._rank()
-        loader = dm._loader(TrackBatchDataset(dm.store, rows),
-                            TrackBatchSampler(dm.store.lengths[rows], dm.input_length, eval_batch_frames, rank, world))
-    else:
-        loader = dm.track_loader(split)
-    batch: dict[str, Any] = {}
-    try:
-        with evaluation_precision(device):
-            for batch in loader:
-                if batched:
-                    items = batch["item"].to(device, non_blocking=True)  # pinned for a GPU: no host sync
-                    x = batch["x"].to(device, non_blocking=True)
-                    probs[items] = batch_track_probabilities(net, x, batch["frames"].tolist())
-                else:
-                    batch = dm.on_device(batch, device)
-                    items = batch["item"]
-                    probs[items] = track_probabilities(net, batch["x"])
-                seen[items] += 1
-    except torch.OutOfMemoryError:  # named here, where the tracks are known; nothing is formatted per track
-        ids = dm.splits[split].split.track_ids
-        got = [int(i) for i in batch["item"]] if "item" in batch else []
-        if len(got) > 1:
-            what = (f"whole-track evaluation of {split} tracks {ids[got[0]]} and {len(got) - 1} more "
-                    f"({len(got)} x {int(batch['x'].shape[-1])} frames in one pass) on {device}")
-            fix = (f"lower eval_batch_frames (now {eval_batch_frames}; 0 scores one track per pass), evaluate on a "
-                   f"GPU with more free memory (fewer jobs on it), or run predict with --device cpu")
-        else:
-            what = f"whole-track evaluation of {split} track {ids[got[0]] if got else '?'} on {device}"
-            fix = "evaluate on a GPU with more free memory (fewer jobs on it), or run predict with --device cpu"
-        with out_of_memory(what, fix):
-            raise
-    if distributed():
-        torch.distributed.all_reduce(probs)
-        torch.distributed.all_reduce(seen)
-    if not bool((seen == 1).all()):
-        twice, never = int((seen > 1).sum()), int((seen == 0).sum())
-        raise RuntimeError(f"{split}: {twice} tracks scored more than once and {never} never; the evaluation is wrong")
-    return probs.cpu().numpy()
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -446,6 +169,24 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
 def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, float]]:
     start = time.time()
+    eval_batch_frames, ckpt_io = _settings(cfg)
+    dm, module, swa, trainer = _build(cfg, made, ckpt_io)
+    device = trainer.strategy.root_device
+    if dm.in_memory:
+        dm.check_fits(device, copies=trainer.num_devices if device.type == "cpu" else 1)
+    _fit(cfg, dm, module, trainer, ckpt_io)
+    finalize(module, dm, swa, device, trainer.max_epochs)
+    metrics = _evaluate(cfg, dm, module, trainer, eval_batch_frames)
+    if rank() == 0:
+        out = Path(cfg.paths.output_dir)
+        write_json(out / "metrics.json", {**metrics, "epochs": trainer.current_epoch, "seconds": round(time.time() - start, 1)})
+        print_scores(metrics, f"{cfg.model.filters} / {dm.spec.name} / L={dm.input_length} / "
+                              f"{Path(str(cfg.loss._target_)).suffix[1:]}: {out}")
+    return metrics
+
+
+def _settings(cfg: DictConfig) -> tuple[int, AtomicCheckpointIO]:
+    """The settings that need no data, checked first: devices, float32 precision, allocator, evaluation, last.ckpt."""
     check_devices(cfg.trainer)
     try:
         set_fp32_precision(str(cfg.get("fp32_precision", "ieee")))
@@ -455,12 +196,17 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
         keep_freed_memory()
     eval_batch_frames = check_eval_batch_frames(cfg.get("eval_batch_frames", EVAL_BATCH_FRAMES))
     ckpt_io = AtomicCheckpointIO(async_checkpoint=check_async_checkpoint(cfg.get("async_checkpoint", True)))
-    out = Path(cfg.paths.output_dir)
+    return eval_batch_frames, ckpt_io
+
+
+def _build(cfg: DictConfig, made: list[JamendoDataModule],
+           ckpt_io: AtomicCheckpointIO) -> tuple[JamendoDataModule, TaggingModule, SWA, pl.Trainer]:  # fmt: skip
+    """Data (checked: every data problem stops the run here, before any training time is spent), module, trainer."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))
     dm: JamendoDataModule = instantiate(cfg.data, features=spec, _recursive_=False)
     made.append(dm)
-    dm.check()  # every data problem stops the run here, before any training time is spent
+    dm.check()
     check_scorable(dm)
     set_n_tags(cfg, dm)
     net = build_net(cfg.model)
@@ -469,10 +215,12 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
     callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
     swa = next((c for c in callbacks.values() if isinstance(c, SWA)), None)
     if swa is None:
-        raise ValueError("callbacks.swa is missing: the final model is the SWA model (see REFERENCE.md)")
+        raise ValueError("callbacks.swa is missing: the final model is the average of the last epochs' weights "
+                         "(SWA); keep callbacks.swa (conf/callbacks/default.yaml)")
+    max_epochs = cfg.trainer.get("max_epochs")
     if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, dm)
-    ckpt_io.run_info = run_info(dm)
+        check_resume(cfg.ckpt_path, dm, max_epochs)
+    ckpt_io.run_info = run_info(dm, max_epochs)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
@@ -481,12 +229,16 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
         plugins=[ckpt_io],
     )
     check_launch(trainer)
+    return dm, module, swa, trainer
+
+
+def _fit(cfg: DictConfig, dm: JamendoDataModule, module: TaggingModule, trainer: pl.Trainer,
+         ckpt_io: AtomicCheckpointIO) -> None:  # fmt: skip
+    """``trainer.fit``; running out of memory or a non-finite loss is one line naming the fix."""
     device = trainer.strategy.root_device
-    if dm.in_memory:
-        dm.check_fits(device, copies=trainer.num_devices if device.type == "cpu" else 1)
     try:
         with out_of_memory(
-            f"training {cfg.model.filters} on {spec.name} x {dm.input_length} frames, batch {dm.batch_size}, "
+            f"training {cfg.model.filters} on {dm.spec.name} x {dm.input_length} frames, batch {dm.batch_size}, "
             f"precision {trainer.precision}, on {device}",
             "lower data.batch_size or data.input_length, use trainer.precision=16-mixed, or run fewer jobs on "
             "this GPU",
@@ -495,7 +247,7 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
         ckpt_io.wait()  # Lightning's teardown has waited already; nothing may still be writing last.ckpt below
     except FloatingPointError as e:
         ckpt_io.wait(raise_error=False)
-        last = out / "checkpoints" / "last.ckpt"
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         if last.is_file():
             epoch = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("epoch", "?")
             kept = f"the last good checkpoint, {last} (end of epoch {epoch}), is kept: resume with ckpt_path={last}"
@@ -506,16 +258,22 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
             f"(`freqtag info {dm.store_path}`)"
         ) from e
 
-    finalize(module, dm, swa, device, trainer.max_epochs)
-    writer = rank() == 0  # under DDP every rank evaluates its share; rank 0 writes the run directory
+
+def _evaluate(cfg: DictConfig, dm: JamendoDataModule, module: TaggingModule, trainer: pl.Trainer,
+              eval_batch_frames: int) -> dict[str, dict[str, float]]:  # fmt: skip
+    """final.ckpt, whole-track scores of validation and test, predictions and thresholds, logged.
+
+    Under DDP every rank evaluates its share; rank 0 writes the run directory.
+    """
+    out = Path(cfg.paths.output_dir)
+    writer = rank() == 0
     final = final_path(out)
     if writer:
         write_final(final, final_checkpoint(module, cfg, dm))
-
     metrics: dict[str, dict[str, float]] = {}
     for split in ("validation", "test"):
         d = dm.splits[split]
-        probs = evaluate_tracks(module.net, dm, split, device, eval_batch_frames)
+        probs = evaluate_tracks(module.net, dm, split, trainer.strategy.root_device, eval_batch_frames)
         metrics[split] = tagging_scores(probs, d.split.labels)
         if not writer:
             continue
@@ -523,16 +281,12 @@ def _run(cfg: DictConfig, made: list[JamendoDataModule]) -> dict[str, dict[str, 
         if split == "validation":
             thresholds = best_f1_thresholds(probs, d.split.labels)
             write_thresholds(thresholds_path(final), dm.tags, thresholds)
-    if not writer:
-        return metrics
-    prefix = {"validation": "val", "test": "test"}
-    flat = {f"{prefix[s]}/{k}": v for s, m in metrics.items() for k, v in m.items()}
-    if trainer.logger is not None:
+    if writer and trainer.logger is not None:
+        prefix = {"validation": "val", "test": "test"}
+        flat = {f"{prefix[s]}/{k}": v for s, m in metrics.items() for k, v in m.items()}
         trainer.logger.log_metrics(flat, step=trainer.global_step)
         trainer.logger.save()
         log_final(trainer.logger, cfg, flat, final)
-    write_json(out / "metrics.json", {**metrics, "epochs": trainer.current_epoch, "seconds": round(time.time() - start, 1)})
-    print_scores(metrics, f"{cfg.model.filters} / {spec.name} / L={dm.input_length} / {Path(str(cfg.loss._target_)).suffix[1:]}: {out}")
     return metrics
 
 
@@ -553,44 +307,3 @@ def check_launch(trainer: pl.Trainer) -> None:
     )
 
 
-# errors a user can cause and fix: one line on stderr, no traceback (config: exit 2, data: exit 1)
-USER_ERRORS = (ConfigError, DataError, StoreError, JamendoFormatError, ResumeError, TrainingDiverged, DiskFullError,
-               OutOfMemory)
-
-
-def user_error(e: BaseException) -> BaseException | None:
-    """The user error behind ``e`` (Hydra wraps what a ``_target_`` raises), or None."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, USER_ERRORS):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return None
-
-
-def _fail(e: BaseException) -> None:
-    print(f"train.py: error: {e}", file=sys.stderr)
-    sys.exit(2 if isinstance(e, ConfigError) else 1)
-
-
-@hydra.main(config_path="pkg://freqtag.conf", config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except BaseException as e:
-        finish_wandb(failed=True)
-        if (known := user_error(e)) is not None:
-            _fail(known)
-        raise
-    finish_wandb(failed=False)
-
-
-def main() -> None:
-    """`python train.py ...`: the overrides are checked first, then Hydra composes and runs."""
-    quiet_third_party()
-    try:
-        check_overrides(sys.argv[1:])
-    except ConfigError as e:
-        _fail(e)
-    _hydra_main()

@@ -1,4 +1,4 @@
-"""The LightningModule: the reference recipe (mixup, Nesterov SGD, per-epoch cosine decay).
+"""The LightningModule: the reference recipe (mixup, the ``optim`` optimizer, per-epoch cosine decay).
 
 Randomness that shapes training is tied to ``(seed, epoch, step)`` so that a
 run resumed from ``last.ckpt`` continues exactly as the uninterrupted run.
@@ -13,11 +13,12 @@ for inf on the device too. ``compile: true`` runs mixup, forward and loss
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from freqtag.metrics import tagging_scores
@@ -59,6 +60,12 @@ def _choice(name: str, value: Any) -> bool | None:
     if isinstance(value, bool):
         return value
     raise ConfigError(f"{name}={value!r}: valid values are auto, true, false")
+
+
+def _kernels(optimizer: Callable[..., Any], fused: bool | None, foreach: bool | None) -> dict[str, bool | None]:
+    """The resolved ``fused`` / ``foreach`` for the keywords the optimizer factory was given (``auto`` among them)."""
+    given = getattr(optimizer, "keywords", {})
+    return {k: v for k, v in (("fused", fused), ("foreach", foreach)) if k in given}
 
 
 class NonFiniteWatch:
@@ -124,8 +131,12 @@ class NonFiniteWatch:
 class TaggingModule(pl.LightningModule):
     """The training recipe around ``net`` and ``loss``; see the module docstring for what keeps the step sync-free.
 
-    ``fused`` / ``foreach`` (``optim.*``): torch.optim.SGD's kernels, and
-    ``foreach`` also for the gradient clipping. ``compile`` / ``compile_mode``
+    ``optimizer``: a factory taking the parameters (``hydra.utils.instantiate``
+    of the ``optim`` config: a ``functools.partial`` of ``torch.optim.SGD``);
+    its ``fused`` / ``foreach`` keywords may be ``auto`` (resolved here, by
+    device) and ``foreach`` also sets the gradient clipping's kernels. Its
+    keywords are recorded in the hyperparameters as before (``lr``, ...).
+    None: a module that is never trained. ``compile`` / ``compile_mode``
     (top-level settings): torch.compile of :meth:`mixed_loss`, static shapes
     (one graph per batch size), with inductor drawing random numbers as eager
     does (``fallback_random``) so a compiled run's dropout masks are the
@@ -139,18 +150,15 @@ class TaggingModule(pl.LightningModule):
         self,
         net: nn.Module,
         loss: nn.Module,
-        lr: float = 0.5,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 2e-5,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         mixup_alpha: float = 0.2,
         seed: int = 42,
-        fused: bool | Literal["auto"] = "auto",
-        foreach: bool | Literal["auto"] = "auto",
         compile: bool = False,  # noqa: A002 (the setting's name)
         compile_mode: str = "default",
     ) -> None:
         super().__init__()
+        settings = dict(getattr(optimizer, "keywords", {}))
+        fused, foreach = settings.get("fused", "auto"), settings.get("foreach", "auto")
         self._fused, self._foreach = _choice("optim.fused", fused), _choice("optim.foreach", foreach)
         if self._fused and self._foreach:
             raise ConfigError("optim.fused=true and optim.foreach=true: torch's SGD takes one of them; set "
@@ -159,7 +167,11 @@ class TaggingModule(pl.LightningModule):
             raise ConfigError(f"compile={compile!r}: valid values are true, false")
         if compile_mode not in COMPILE_MODES:
             raise ConfigError(f"compile_mode={compile_mode!r}: valid values are {', '.join(COMPILE_MODES)}")
-        self.save_hyperparameters(ignore=["net", "loss"])
+        # the optimizer's keywords (lr, momentum, ...) as hyperparameters, in the order hparams.yaml always had
+        kernels = {k: settings.pop(k) for k in ("fused", "foreach") if k in settings}
+        self.save_hyperparameters({**settings, "mixup_alpha": mixup_alpha, "seed": seed, **kernels, "compile": compile,
+                                   "compile_mode": compile_mode})
+        self.optimizer = optimizer
         self.net = net
         self.loss = loss
         self._val_items: list[torch.Tensor] = []
@@ -173,8 +185,8 @@ class TaggingModule(pl.LightningModule):
 
     @classmethod
     def from_config(cls, cfg: Any, net: nn.Module, loss: nn.Module) -> TaggingModule:
-        """The module a run's composed config describes: ``optim.*``, ``mixup_alpha``, ``seed``, ``compile*``."""
-        return cls(net, loss, **cfg.optim, mixup_alpha=cfg.mixup_alpha, seed=cfg.seed,
+        """The module a run's composed config describes: ``optim``, ``mixup_alpha``, ``seed``, ``compile*``."""
+        return cls(net, loss, optimizer=instantiate(cfg.optim), mixup_alpha=cfg.mixup_alpha, seed=cfg.seed,
                    compile=cfg.get("compile", False), compile_mode=cfg.get("compile_mode", "default"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,14 +335,12 @@ class TaggingModule(pl.LightningModule):
 
     # -- optimisation -------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        if self.optimizer is None:
+            raise ValueError("TaggingModule(optimizer=None) cannot be trained: pass instantiate(cfg.optim)")
         # fused auto: on a GPU (one kernel for the whole update, and GradScaler's inf check stays on the device);
         # elsewhere torch's default (a per-tensor loop on the CPU: the CPU results stay what they were)
         fused = self._fused if self._fused is not None else (True if self.device.type == "cuda" else None)
-        opt = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay,
-            fused=fused, foreach=None if fused else self._foreach,
-        )
+        opt = self.optimizer(self.parameters(), **_kernels(self.optimizer, fused, None if fused else self._foreach))
         # per-epoch cosine decay from lr to 0 over max_epochs, no warm-up (the reference schedule)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs), eta_min=0.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

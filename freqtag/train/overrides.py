@@ -17,7 +17,8 @@ __all__ = ["ConfigError", "check_overrides", "check_devices", "uses_gpu", "group
 CONF = "freqtag.conf"
 # override keys (prefixes) that say where or on what a run was executed, not what it is:
 # left out of W&B run names and tags, and never rows of the ensemble table
-WHERE = ("hydra.", "paths.", "ckpt_path", "logger", "trainer.accelerator", "trainer.devices", "data.num_workers")
+WHERE = ("hydra.", "paths.", "ckpt_path", "logger", "trainer.accelerator", "trainer.devices", "data.num_workers",
+         "eval_batch_frames", "async_checkpoint")
 
 
 class ConfigError(ValueError):

@@ -26,7 +26,9 @@ from freqtag.data import jamendo
 from freqtag.data.store import FeatureStore, StoreError, StoreWriter
 from freqtag.features import FeatureSpec
 from freqtag.tag.predict import main as predict_main
-from freqtag.train.driver import ResumeError, check_resume, run, user_error
+from freqtag.train.checkpoints import ResumeError, check_resume
+from freqtag.train.driver import run
+from freqtag.train.main import user_error
 
 
 @pytest.fixture(scope="module")

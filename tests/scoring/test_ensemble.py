@@ -79,6 +79,22 @@ def test_known_table(known_runs, tmp_path):
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
+def test_keys_that_only_say_how_a_run_ran_make_no_row(known_runs, tmp_path):
+    """eval_batch_frames (how evaluation was batched) and async_checkpoint (how last.ckpt was written) change no
+    result: like paths.*, they are no row of the table (and no part of a W&B run name, through the same WHERE)."""
+    from freqtag.train.overrides import WHERE
+
+    for i, run in enumerate(sorted(p for p in known_runs.iterdir())):
+        overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+        extra = [f"eval_batch_frames={i * 1000}", f"async_checkpoint={'true' if i % 2 else 'false'}"]
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides + extra))
+        assert all(o.startswith(WHERE) for o in extra)
+    res = freqtag("ensemble", known_runs, "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert list(read_table(tmp_path / "out" / "table.csv")) == ["model=convs", "model=freq_dep", "loss=bce",
+                                                                "loss=weighted", "ensemble"]
+
+
 def test_select_restricts_the_runs(known_runs, tmp_path):
     res = cli("ensemble", known_runs, "--select", "model=freq_dep", "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr

@@ -65,7 +65,7 @@ def test_every_job_is_the_paper_recipe(combo):
         raw = (OmegaConf.to_container(c[key], resolve=False) if OmegaConf.is_config(c[key]) else c[key] for c in (cfg, paper))
         assert next(raw) == next(raw), key
     assert cfg.model.filters == combo[0] and cfg.features.name == combo[1] and cfg.data.input_length == int(combo[2])
-    assert cfg.optim == {"lr": 0.5, "momentum": 0.9, "nesterov": True, "weight_decay": 2.0e-5, "fused": "auto", "foreach": "auto"}
+    assert cfg.optim == {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.5, "momentum": 0.9, "nesterov": True, "weight_decay": 2.0e-5, "fused": "auto", "foreach": "auto"}
     assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.callbacks.swa.fraction, cfg.seed) == (32, 200, 0.2, 42)
     data = OmegaConf.to_container(cfg.data, resolve=False)
     assert data["_target_"] == "freqtag.data.datamodule.JamendoDataModule" and "/mtg-jamendo/" in data["splits_dir"]

@@ -16,7 +16,8 @@ from helpers import REPO, tiny_overrides
 
 from freqtag.data.datamodule import JamendoDataModule
 from freqtag.features import FeatureSpec
-from freqtag.train.driver import build_net, evaluate_tracks
+from freqtag.train.driver import build_net
+from freqtag.train.evaluation import evaluate_tracks
 
 SMALL = tiny_overrides("trainer.max_epochs=3", "trainer=ddp_cpu", "trainer.devices=2")  # the single-process run, on 2 CPU processes
 

@@ -28,8 +28,11 @@ from freqtag.system import faults
 from freqtag.system.faults import FAULT_ENV, DiskFullError
 from freqtag.system.memory import OutOfMemory
 from freqtag.tag.models import TIME_MIXING, batch_track_probabilities
-from freqtag.train import driver as training
-from freqtag.train.driver import AtomicCheckpointIO, TrackBatchSampler, evaluate_tracks, run, user_error
+from freqtag.train import checkpoints, evaluation
+from freqtag.train.checkpoints import AtomicCheckpointIO
+from freqtag.train.driver import run
+from freqtag.train.evaluation import TrackBatchSampler, evaluate_tracks
+from freqtag.train.main import user_error
 from freqtag.train.module import track_probabilities
 from freqtag.train.overrides import ConfigError
 
@@ -132,7 +135,7 @@ def test_one_track_and_ranks_sharing_the_tracks(dm, alone, monkeypatch):
         if t.dtype == torch.int32:
             t.fill_(1)
 
-    monkeypatch.setattr(training, "distributed", lambda: True)
+    monkeypatch.setattr(evaluation, "distributed", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     for rank in (0, 1):
         monkeypatch.setattr(dm, "_rank", lambda r=rank: (r, 2))
@@ -151,7 +154,7 @@ def test_out_of_memory_in_a_batched_evaluation_names_the_setting(dm, monkeypatch
     def boom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity of 1")
 
-    monkeypatch.setattr(training, "batch_track_probabilities", boom)
+    monkeypatch.setattr(evaluation, "batch_track_probabilities", boom)
     with pytest.raises(OutOfMemory) as e:
         evaluate_tracks(net("convs"), dm, "test", torch.device("cpu"), eval_batch_frames=65536)
     msg = str(e.value)
@@ -213,7 +216,7 @@ def test_background_write_is_the_synchronous_file(tmp_path):
 def test_snapshot_taken_before_training_goes_on_and_one_write_at_a_time(tmp_path, monkeypatch):
     release = threading.Event()
     order: list[str] = []
-    real = training.atomic_save_bytes
+    real = checkpoints.atomic_save_bytes
 
     def slow_disk(data, path):  # the disk holds the first write until the test says so
         order.append(f"start {Path(path).name}")
@@ -222,7 +225,7 @@ def test_snapshot_taken_before_training_goes_on_and_one_write_at_a_time(tmp_path
         real(data, path)
         order.append(f"done {Path(path).name}")
 
-    monkeypatch.setattr(training, "atomic_save_bytes", slow_disk)
+    monkeypatch.setattr(checkpoints, "atomic_save_bytes", slow_disk)
     io = AtomicCheckpointIO(async_checkpoint=True)
     ckpt = lightning_like()
     before = ckpt["state_dict"]["net.w"].clone()
@@ -315,3 +318,31 @@ def test_killed_during_a_checkpoint_write_resumes_like_an_uninterrupted_run(tiny
     for split in ("validation", "test"):
         np.testing.assert_array_equal(np.load(run_dir / "predictions" / f"{split}.npz")["probs"],
                                       np.load(tmp_path / "whole" / "predictions" / f"{split}.npz")["probs"])
+
+
+# resume: the schedule's length ---------------------------------------------------------------------------------------
+def test_a_resume_with_another_max_epochs_is_refused_before_training(tiny, tmp_path):
+    """The cosine schedule and the SWA start are laid out over trainer.max_epochs: a resume must keep it."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf, open_dict
+
+    from freqtag.features import FeatureSpec
+    from freqtag.train.checkpoints import ResumeError, check_resume, run_info
+
+    cfg = config(tiny, tmp_path / "run", "trainer.max_epochs=3")
+    spec = FeatureSpec.from_dict(OmegaConf.to_container(cfg.features, resolve=True))
+    d = instantiate(cfg.data, features=spec, _recursive_=False)
+    d.check()
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"epoch": 0, "freqtag": run_info(d, 2)}, ckpt)
+    check_resume(ckpt, d, 2)  # the same max_epochs: accepted
+    check_resume(ckpt, d)  # not asked: accepted
+    d.release()
+    with open_dict(cfg):
+        cfg.ckpt_path = str(ckpt)
+    with pytest.raises(ResumeError) as e:
+        run(cfg)
+    line = str(e.value)
+    assert "trainer.max_epochs=2" in line and "trainer.max_epochs=3" in line and "\n" not in line
+    assert "resume with trainer.max_epochs=2" in line and user_error(e.value) is e.value
+    assert not (tmp_path / "run" / "checkpoints").exists()

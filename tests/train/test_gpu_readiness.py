@@ -34,7 +34,9 @@ from freqtag.system import memory
 from freqtag.system.memory import OutOfMemory, check_fits, out_of_memory
 from freqtag.system.precision import device_tolerance, fp32_precision, set_fp32_precision
 from freqtag.tag.models import load_model
-from freqtag.train.driver import evaluate_tracks, resolve_precision, run, user_error
+from freqtag.train.driver import resolve_precision, run
+from freqtag.train.evaluation import evaluate_tracks
+from freqtag.train.main import user_error
 from freqtag.train.swa import SWA
 
 CUDA_OOM = "CUDA out of memory. Tried to allocate 35.20 GiB. GPU 0 has a total capacity of 139.81 GiB of which 2.00 GiB is free."
@@ -107,7 +109,7 @@ def test_auto_precision_without_a_gpu(monkeypatch):
 # 3. one evaluation precision: float32, IEEE, no autocast -----------------------------------------------
 def test_whole_track_evaluation_ignores_an_outer_autocast_and_tf32(tiny, monkeypatch):
     """Training's evaluation runs inside a mixed-precision process: it must still be float32 IEEE."""
-    from freqtag.train import driver as training
+    from freqtag.train import evaluation as training
 
     dm = JamendoDataModule(str(tiny.store), str(tiny.splits), str(tiny.tags), features=tiny_spec(tiny),
                            input_length=32, batch_size=8)

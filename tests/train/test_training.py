@@ -21,7 +21,8 @@ from freqtag.data.datamodule import JamendoDataModule
 from freqtag.features import FeatureSpec
 from freqtag.metrics import tagging_scores
 from freqtag.runs import FINAL_KEYS
-from freqtag.train.driver import build_net, evaluate_tracks, run
+from freqtag.train.driver import build_net, run
+from freqtag.train.evaluation import evaluate_tracks
 
 SMALL = tiny_overrides("trainer.max_epochs=3")  # the tiny run, 3 epochs
 

@@ -20,8 +20,9 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from tiny_data import DtypeProbe, Tiny, config, make_tiny
 from tiny_data import run as run_command
 
-from freqtag.train import driver as training
-from freqtag.train.driver import TrainingDiverged, resolve_precision, run, user_error
+from freqtag.train import main as training
+from freqtag.train.driver import TrainingDiverged, resolve_precision, run
+from freqtag.train.main import user_error
 
 
 @pytest.fixture(scope="module")
