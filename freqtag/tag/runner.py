@@ -46,7 +46,7 @@ are the work, and the GPU wants one process.
 
 The outputs are identical: the features come from the same single-threaded
 code, the network sees the same chunks of frames, and its arithmetic does not
-depend on the thread count (:class:`freqtag.tag.models.OneDNNConvolutions`).
+depend on the thread count (:class:`freqtag.wholetrack.OneDNNConvolutions`).
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def tag_job(job: Any, chunk_windows: int | None, layer: str | None) -> FileResul
 def network_worker_bytes(models: Sequence[Any], chunk_windows: int | None = None) -> int:
     """Estimated peak memory of one network worker: :data:`PASS_PEAK_MEL128` scaled by the bands x frames of
     the largest forward pass (the activations), plus the models' weights."""
-    from freqtag.tag.models import CHUNK_FRAMES, WindowStream
+    from freqtag.wholetrack import CHUNK_FRAMES, WindowStream
 
     def pass_size(m: Any) -> int:
         s = WindowStream(m, chunk_windows)
@@ -229,7 +229,7 @@ def network_worker_bytes(models: Sequence[Any], chunk_windows: int | None = None
 
 def network_in_workers(models: Sequence[Any]) -> bool:
     """Whether workers run the network too: on a CPU, where its result does not depend on the thread count."""
-    from freqtag.tag.models import thread_invariant
+    from freqtag.wholetrack import thread_invariant
 
     return all(thread_invariant(m.device) for m in models)
 
