@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from freqtag.data.jamendo import TASKS
-
 __all__ = ["main", "COMMANDS", "print_store_info"]
 
 Runner = Callable[[argparse.Namespace], int]
@@ -46,113 +44,6 @@ def print_store_info(path: str | Path) -> None:
     for key, value in info["spec"].items():
         table.add_row(f"spec.{key}", str(value))
     Console(soft_wrap=False).print(table)
-
-
-# ---------------------------------------------------------------------- prepare
-
-SKIPPED_SHOWN = 20  # skipped files listed on screen; the report lists them all
-
-
-def add_prepare_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "prepare",
-        help="build a feature store from audio files or from MTG-Jamendo's .npy spectrograms",
-        description="Compute mel128 or mel96 features from audio files (--audio-dir), or import MTG-Jamendo's "
-        "distributed mel96 .npy spectrograms (--npy-dir), into one HDF5 feature store. With --splits the tracks "
-        "are those of the three split TSVs; without it (audio only) every file under --audio-dir, its id being "
-        "its relative path. Bad files are skipped and listed with their reason in STORE.report.tsv (exit 1 if "
-        "any). An interrupted run resumes when re-run with the same arguments.",
-    )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--audio-dir", type=Path, help="folder of audio files (MP3, Ogg, FLAC, WAV, ...)")
-    source.add_argument("--npy-dir", type=Path, help="MTG's melspecs folder (holds XX/ID.npy)")
-    p.add_argument("--splits", type=Path, default=None,
-                   help="folder of MTG's split TSVs, autotagging_{TASK}-{train,validation,test}.tsv (PATH relative to "
-                   "--audio-dir); required with --npy-dir")  # fmt: skip
-    p.add_argument("--task", default="moodtheme", choices=TASKS,
-                   help="whose TSVs in --splits give the tracks (default: moodtheme; genre, instrument, top50tags "
-                   "and all are in MTG's raw_30s download, not the moodtheme one)")  # fmt: skip
-    p.add_argument("--out", type=Path, required=True, help="the store to write, e.g. data/mel128.h5")
-    p.add_argument("--features", default=None,
-                   help="feature recipe: mel128 or mel96 (required with --audio-dir; default mel96 with --npy-dir)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=1,
-                   help="decoding/loading processes; 0 = in the main process (default: 1)")  # fmt: skip
-    p.add_argument("--device", default="cpu", help="where the mel transform runs: cpu or cuda (default: cpu; audio only)")
-    p.add_argument("--min-frames", type=int, default=None,
-                   help="skip audio that gives fewer frames than this (default: 128, the shortest input window; "
-                   "audio only)")  # fmt: skip
-    p.add_argument("--tags", type=Path, default=None,
-                   help="tag list (default: MTG's list for --task beside --splits, else the TSVs' own tags)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64, help="tracks per resumable part (default: 64)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def run_prepare(args: argparse.Namespace) -> int:
-    from freqtag.prepare.command import DEFAULT_MIN_FRAMES, prepare_audio, prepare_npy
-
-    if args.workers < 0:
-        _error(f"--workers {args.workers}: must be 0 (work in the main process) or more")
-        return 2
-    if args.audio_dir is not None:
-        if args.features is None:
-            _error("--features is required with --audio-dir: mel128 or mel96")
-            return 2
-        min_frames = DEFAULT_MIN_FRAMES if args.min_frames is None else args.min_frames
-        if min_frames < 1:
-            _error(f"--min-frames {min_frames}: must be at least 1")
-            return 2
-        report = prepare_audio(
-            args.audio_dir,
-            args.out,
-            args.features,
-            splits_dir=args.splits,
-            workers=args.workers,
-            device=args.device,
-            min_frames=min_frames,
-            tags_file=args.tags,
-            progress=not args.no_progress,
-            batch_size=args.batch_size,
-            task=args.task,
-        )
-    else:
-        if args.splits is None:
-            _error("--splits is required with --npy-dir: the folder of MTG's split TSVs (data/splits/split-0)")
-            return 2
-        if args.min_frames is not None or args.device != "cpu":
-            _error("--min-frames and --device apply to --audio-dir only")
-            return 2
-        report = prepare_npy(
-            args.npy_dir,
-            args.splits,
-            args.out,
-            features=args.features or "mel96",
-            workers=args.workers,
-            tags_file=args.tags,
-            progress=not args.no_progress,
-            batch_size=args.batch_size,
-            task=args.task,
-        )
-    n_skipped = len(report.skipped)
-    if report.already_complete:
-        if n_skipped:
-            print(
-                f"{report.out} is already complete but lacks {n_skipped} of the {report.total} requested tracks; "
-                f"{report.report} lists them (delete {report.out} to rebuild it)"
-            )
-            return 1
-        print(f"{report.out} is already complete: it holds all {report.total} requested tracks")
-        return 0
-    resumed = f" ({report.resumed} kept from an interrupted run)" if report.resumed else ""
-    print(f"wrote {report.out}: {report.written} of {report.total} tracks{resumed} in {report.seconds:.1f} s")
-    if n_skipped:
-        print(f"skipped {n_skipped} tracks, listed with reasons in {report.report}:", file=sys.stderr)
-        for track_id, path, reason in report.skipped[:SKIPPED_SHOWN]:
-            print(f"  {track_id}  {path}: {reason}", file=sys.stderr)
-        if n_skipped > SKIPPED_SHOWN:
-            print(f"  ... and {n_skipped - SKIPPED_SHOWN} more, all in {report.report}", file=sys.stderr)
-        return 1
-    return 0
 
 
 # ------------------------------------------------------------------------- info
@@ -265,6 +156,7 @@ def run_summary(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------- registrations
 
 from freqtag.data.download.cli import add_download_parser, run_download  # noqa: E402  (stdlib only; rich when run)
+from freqtag.prepare.cli import add_prepare_parser, run_prepare  # noqa: E402  (stdlib only; the work when run)
 from freqtag.scoring.ensemble import add_ensemble_parser, run_ensemble  # noqa: E402  (numpy only: --help stays instant)
 from freqtag.scoring.submission import add_evaluate_parser, run_evaluate  # noqa: E402
 from freqtag.tag.embed import add_embed_parser, run_embed  # noqa: E402  (as predict: torch when run)
