@@ -111,8 +111,7 @@ class WindowModel(Protocol):
     """What :class:`WindowStream` runs: a loaded checkpoint (:class:`freqtag.tag.models.TaggerModel`)."""
 
     input_length: int
-
-    def n_windows(self, frames: int) -> int: ...
+    net: FreqTagNet  # its n_windows: how many windows the whole-track pass gives
 
     def normalise(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor: ...
 
@@ -254,7 +253,7 @@ class WindowStream:
         """(W, n_tags) float32 window probabilities (or (W, D) activations); W as the whole-track pass gives."""
         if self.frames == 0:
             raise ValueError("no frames were given")
-        total = self.model.n_windows(self.frames)
+        total = self.model.net.n_windows(self.frames)
         if self.next_window < total:
             self._run(total, end=None)
         return np.concatenate(self.out)[:total]

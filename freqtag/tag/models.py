@@ -19,6 +19,7 @@ from torch import nn
 
 from freqtag import runs
 from freqtag.features import FeatureSpec
+from freqtag.model import FreqTagNet
 from freqtag.system.precision import evaluation_precision
 from freqtag.wholetrack import OneDNNConvolutions, WindowStream, thread_invariant
 from freqtag.wholetrack import TIME_MIXING, batch_track_probabilities, masked_layers  # noqa: F401 - train/driver.py's and tests/train's import until the merge points them at freqtag.wholetrack
@@ -100,7 +101,7 @@ class TaggerModel:
     """One checkpoint ready to tag: the network in eval mode plus everything its input needs."""
 
     path: Path
-    net: nn.Module
+    net: FreqTagNet
     spec: FeatureSpec
     tags: list[str]
     input_length: int
@@ -129,16 +130,11 @@ class TaggerModel:
     def window_s(self) -> float:
         return self.input_length / self.spec.frames_per_second
 
-    def n_windows(self, frames: int) -> int:
-        """Windows the whole-track pass gives for ``frames`` frames (at least one)."""
-        return -(-max(frames, self.input_length) // 32) // (self.input_length // 32)
-
     def normalise(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(T, bands) raw features -> (1, bands, T) float32 ``(x - mean) / std`` on the device (as the DataModule)."""
-        x = torch.as_tensor(frames)
-        out = torch.empty((1, x.shape[1], x.shape[0]), dtype=torch.float32, device=self.device)
-        out.copy_(x.T[None])
-        return out.sub_(self.mean).div_(self.std)
+        """(T, bands) raw features -> (1, bands, T) float32 ``(x - mean) / std`` on the device, as training's crops."""
+        from freqtag.data.datamodule import normalised  # imports pytorch_lightning: only when a track is scored
+
+        return normalised(torch.as_tensor(frames).T[None].to(self.device), None, self.mean, self.std)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network in evaluation precision; on a CPU with the same bits for any thread count."""
@@ -197,7 +193,7 @@ class RawMelTagger(nn.Module):
         self.input_length = int(input_length)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        x = (mel - self.mean) / self.std
+        x = (mel - self.mean) / self.std  # graph ops, not data's in-place ``normalised``: this is what gets exported
         t = x.shape[2]
         if t < self.input_length:
             x = F.pad(x, [0, self.input_length - t])
@@ -309,9 +305,3 @@ def ensemble_thresholds(models: Sequence[TaggerModel]) -> tuple[np.ndarray, str]
     mean = np.mean([read_thresholds(m.thresholds_file, m.tags) for m in models], axis=0)  # type: ignore[arg-type]
     return mean, "mean of the models' thresholds.tsv"
 
-
-def track_windows(model: TaggerModel, frames: np.ndarray, chunk_windows: int | None = None) -> np.ndarray:
-    """(T, bands) raw features -> (W, n_tags) window probabilities; their mean is the track's probabilities."""
-    s = model.stream(chunk_windows)
-    s.push(frames)
-    return s.finish()
