@@ -7,26 +7,21 @@ import sys
 from pathlib import Path
 
 from freqtag.data.jamendo import TASKS
+from freqtag.system.exits import usage
 
-__all__ = ["add_prepare_parser", "run_prepare"]
-
-
-def _error(message: str) -> None:
-    print(f"freqtag: error: {message}", file=sys.stderr)
+__all__ = ["add_prepare_arguments", "run_prepare"]
 
 
 SKIPPED_SHOWN = 20  # skipped files listed on screen; the report lists them all
 
 
-def add_prepare_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "prepare",
-        help="build a feature store from audio files or from MTG-Jamendo's .npy spectrograms",
-        description="Compute mel128 or mel96 features from audio files (--audio-dir), or import MTG-Jamendo's "
-        "distributed mel96 .npy spectrograms (--npy-dir), into one HDF5 feature store. With --splits the tracks "
-        "are those of the three split TSVs; without it (audio only) every file under --audio-dir, its id being "
-        "its relative path. Bad files are skipped and listed with their reason in STORE.report.tsv (exit 1 if "
-        "any). An interrupted run resumes when re-run with the same arguments.",
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Compute mel128 or mel96 features from audio files (--audio-dir), or import MTG-Jamendo's distributed mel96 "
+        ".npy spectrograms (--npy-dir), into one HDF5 feature store. With --splits the tracks are those of the three "
+        "split TSVs; without it (audio only) every file under --audio-dir, its id being its relative path. Bad files "
+        "are skipped and listed with their reason in STORE.report.tsv (exit 1 if any). An interrupted run resumes "
+        "when re-run with the same arguments."
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--audio-dir", type=Path, help="folder of audio files (MP3, Ogg, FLAC, WAV, ...)")
@@ -50,23 +45,19 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[n
                    help="tag list (default: MTG's list for --task beside --splits, else the TSVs' own tags)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="tracks per resumable part (default: 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     from freqtag.prepare.command import DEFAULT_MIN_FRAMES, prepare_audio, prepare_npy
 
     if args.workers < 0:
-        _error(f"--workers {args.workers}: must be 0 (work in the main process) or more")
-        return 2
+        return usage(f"--workers {args.workers}: must be 0 (work in the main process) or more")
     if args.audio_dir is not None:
         if args.features is None:
-            _error("--features is required with --audio-dir: mel128 or mel96")
-            return 2
+            return usage("--features is required with --audio-dir: mel128 or mel96")
         min_frames = DEFAULT_MIN_FRAMES if args.min_frames is None else args.min_frames
         if min_frames < 1:
-            _error(f"--min-frames {min_frames}: must be at least 1")
-            return 2
+            return usage(f"--min-frames {min_frames}: must be at least 1")
         report = prepare_audio(
             args.audio_dir,
             args.out,
@@ -82,11 +73,9 @@ def run_prepare(args: argparse.Namespace) -> int:
         )
     else:
         if args.splits is None:
-            _error("--splits is required with --npy-dir: the folder of MTG's split TSVs (data/splits/split-0)")
-            return 2
+            return usage("--splits is required with --npy-dir: the folder of MTG's split TSVs (data/splits/split-0)")
         if args.min_frames is not None or args.device != "cpu":
-            _error("--min-frames and --device apply to --audio-dir only")
-            return 2
+            return usage("--min-frames and --device apply to --audio-dir only")
         report = prepare_npy(
             args.npy_dir,
             args.splits,

@@ -22,7 +22,8 @@ from freqtag.features import FeatureSpec
 from freqtag.model import FreqTagNet
 from freqtag.system.precision import evaluation_precision
 from freqtag.wholetrack import OneDNNConvolutions, WindowStream, thread_invariant
-from freqtag.wholetrack import TIME_MIXING, batch_track_probabilities, masked_layers  # noqa: F401 - train/driver.py's and tests/train's import until the merge points them at freqtag.wholetrack
+# train/driver.py's and tests/train's import until the merge points them at freqtag.wholetrack:
+from freqtag.wholetrack import TIME_MIXING, batch_track_probabilities, masked_layers  # noqa: F401
 
 __all__ = [
     "TaggerModel",
@@ -261,16 +262,18 @@ def load_models(paths: Sequence[str | Path], device: torch.device | str = "cpu")
     return models
 
 
-def ensemble_thresholds(models: Sequence[TaggerModel]) -> tuple[np.ndarray, str]:
-    """Per-tag decision thresholds for ``--threshold auto`` and where they come from.
+def ensemble_thresholds(models: Sequence[TaggerModel], fixed: float | None = None) -> tuple[np.ndarray, str]:
+    """Per-tag decision thresholds for ``--threshold`` (``fixed``: a probability; None: auto) and where they come from.
 
-    One model: its ``thresholds.tsv`` (chosen on validation by training).
+    A fixed probability applies to every tag. One model: its ``thresholds.tsv`` (chosen on validation by training).
     Several: the thresholds that maximise F1 for the *ensemble's* validation
     probabilities, the mean of the runs' ``predictions/validation.npz`` (each
     model's own thresholds fit its own score scale, not the average's);
     without those files, the mean of the models' thresholds, and the source
     says so.
     """
+    if fixed is not None:
+        return np.full(len(models[0].tags), fixed), f"threshold {fixed:g}"
     if len(models) == 1:
         m = models[0]
         if m.thresholds_file is None:

@@ -65,6 +65,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from freqtag.audio.decode import AudioError
+from freqtag.system.exits import FAILED, error, usage
 from freqtag.system.faults import fault_point
 from freqtag.tag.formats import FileResult
 
@@ -309,42 +310,51 @@ def load_for_run(args: argparse.Namespace, command: str) -> list[Any] | int:
     Warns (one line each) about models trained on the synthetic demo data.
     """
     from freqtag.system.allocator import keep_freed_memory
-    from freqtag.system.memory import OutOfMemory, out_of_memory
     from freqtag.tag.inputs import split_checkpoints
-    from freqtag.tag.models import CheckpointError, load_models, resolve_device
-
-    def usage(msg: str) -> int:
-        print(f"freqtag {command}: error: {msg}", file=sys.stderr)
-        return 2
 
     if not args.low_memory:  # chunk after chunk would page-fault the network's buffers back in: 2.1x slower on CPU
         keep_freed_memory()
     split_checkpoints(args)
     if not args.inputs:
-        return usage("no INPUT given: name audio files, folders or globs after the checkpoints")
+        return usage("no INPUT given: name audio files, folders or globs after the checkpoints", command)
     if args.batch_size is not None and args.batch_size < 1:
-        return usage(f"--batch-size {args.batch_size}: must be at least 1 window")
+        return usage(f"--batch-size {args.batch_size}: must be at least 1 window", command)
     defaulted = args.workers is None
     if defaulted:
         args.workers = default_workers()
     if args.workers < 0:
-        return usage(f"--workers {args.workers}: must be 0 (all in this process) or more")
-    try:
-        device = resolve_device(args.device)
-        with out_of_memory(f"the model{'s' if len(args.ckpt) > 1 else ''} on {device}", OOM_FIX):
-            models = load_models(args.ckpt, device)
-    except OutOfMemory as e:
-        print(f"freqtag {command}: error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, ValueError, OSError) as e:
-        return usage(str(e))
+        return usage(f"--workers {args.workers}: must be 0 (all in this process) or more", command)
+    models = load_checked(args.ckpt, args.device, command)
+    if isinstance(models, int):
+        return models
     if defaulted:
         _fit_workers(args, models, command)
+    warn_synthetic(models, command)
+    return models
+
+
+def load_checked(ckpts: Sequence[str], device: str, command: str) -> list[Any] | int:
+    """``--ckpt`` on ``--device``, loaded; on failure its one line and an exit status (1 out of memory, else 2)."""
+    from freqtag.system.memory import OutOfMemory, out_of_memory
+    from freqtag.tag.models import CheckpointError, load_models, resolve_device
+
+    try:
+        dev = resolve_device(device)
+        with out_of_memory(f"the model{'s' if len(ckpts) > 1 else ''} on {dev}", OOM_FIX):
+            return load_models(ckpts, dev)
+    except OutOfMemory as e:
+        error(str(e), command)
+        return FAILED
+    except (CheckpointError, ValueError, OSError) as e:
+        return usage(str(e), command)
+
+
+def warn_synthetic(models: Sequence[Any], command: str) -> None:
+    """One line per model trained on the synthetic demo data."""
     for m in models:
         if m.synthetic:
             print(f"freqtag {command}: warning: {m.source or m.path} was trained on freqtag's synthetic demo data: "
                   f"its tags say nothing about real music", file=sys.stderr)
-    return models
 
 
 def _fit_workers(args: argparse.Namespace, models: Sequence[Any], command: str) -> None:
