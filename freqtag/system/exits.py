@@ -15,9 +15,6 @@ __all__ = ["OK", "FAILED", "USAGE", "INTERRUPTED", "error", "usage", "run_comman
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 
-Errors = "type[BaseException] | tuple[type[BaseException], ...]"
-
-
 def error(message: str, command: str = "") -> None:
     """``freqtag[ COMMAND]: error: MESSAGE``, one line on stderr."""
     print(f"freqtag{' ' + command if command else ''}: error: {message}", file=sys.stderr)
