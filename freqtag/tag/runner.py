@@ -235,7 +235,7 @@ def network_in_workers(models: Sequence[Any]) -> bool:
     return all(thread_invariant(m.device) for m in models)
 
 
-def tag_files(files: Sequence[Path], models: Sequence[Any], chunk_windows: int | None = None,
+def tag_files(files: Sequence[Path], models: Sequence[Any], chunk_windows: int | None = None,  # 64 lines: its three designs side by side
               layer: str | None = None, workers: int = 0, low_memory: bool = False,
               network_workers: bool | None = None) -> Iterator[tuple[Path, FileResult | str]]:
     """Each file (in input order) with its result, or the reason it failed; the others go on.
