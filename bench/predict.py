@@ -6,7 +6,7 @@
    - ``reference``: the reference's evaluation loop: one whole track per
      forward pass (batch 1), normalise, network, sigmoid, mean over windows,
      under ``torch.no_grad``.
-   - ``freqtag``: :class:`freqtag.tag.models.WindowStream` as ``predict`` uses it
+   - ``freqtag``: :class:`freqtag.wholetrack.WindowStream` as ``predict`` uses it
      (frames pushed in 6-s pieces as the audio stream delivers them, chunks of
      at most 16,384 frames, inference mode).
 

@@ -1,29 +1,39 @@
-"""The `freqtag` command: one subcommand per job, each a parser and a runner.
+"""The `freqtag` command: every subcommand registered in :data:`COMMANDS`, run under one error policy.
 
-A subcommand is two functions, ``add_<name>_parser(subparsers)`` and
-``run_<name>(args) -> exit code``, registered in :data:`COMMANDS`. Runners
-import their heavy modules lazily so that ``freqtag --help`` stays instant.
-Errors a user can cause become one line on stderr (exit 1), never a traceback;
-argparse's usage errors exit 2.
+A subcommand is its ``help`` line, a function adding its options (and its
+description) to its parser, and a runner ``run(args) -> exit code``; the
+runners live next to what they run and import their heavy modules when run,
+so ``freqtag --help`` stays instant (no torch). Exit codes and error lines are
+:mod:`freqtag.system.exits`'s: errors a user can cause are one line on stderr
+(exit 1), never a traceback; usage errors exit 2; Ctrl-C 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from freqtag.data.jamendo import TASKS
+from freqtag.data.download import cli as download
+from freqtag.prepare import cli as prepare
+from freqtag.scoring import ensemble, submission
+from freqtag.system.exits import FAILED, error, run_command, usage
+from freqtag.tag import embed, export, predict
+from freqtag.tag.serve import command as serve
 
-__all__ = ["main", "COMMANDS", "print_store_info"]
-
-Runner = Callable[[argparse.Namespace], int]
-AddParser = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], argparse.ArgumentParser]
+__all__ = ["main", "build_parser", "COMMANDS", "Command", "print_store_info"]
 
 
-def _error(message: str) -> None:
-    print(f"freqtag: error: {message}", file=sys.stderr)
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its line in ``freqtag --help``, the function adding its options, its runner."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
 
 
 def print_store_info(path: str | Path) -> None:
@@ -48,128 +58,15 @@ def print_store_info(path: str | Path) -> None:
     Console(soft_wrap=False).print(table)
 
 
-# ---------------------------------------------------------------------- prepare
-
-SKIPPED_SHOWN = 20  # skipped files listed on screen; the report lists them all
-
-
-def add_prepare_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "prepare",
-        help="build a feature store from audio files or from MTG-Jamendo's .npy spectrograms",
-        description="Compute mel128 or mel96 features from audio files (--audio-dir), or import MTG-Jamendo's "
-        "distributed mel96 .npy spectrograms (--npy-dir), into one HDF5 feature store. With --splits the tracks "
-        "are those of the three split TSVs; without it (audio only) every file under --audio-dir, its id being "
-        "its relative path. Bad files are skipped and listed with their reason in STORE.report.tsv (exit 1 if "
-        "any). An interrupted run resumes when re-run with the same arguments.",
-    )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--audio-dir", type=Path, help="folder of audio files (MP3, Ogg, FLAC, WAV, ...)")
-    source.add_argument("--npy-dir", type=Path, help="MTG's melspecs folder (holds XX/ID.npy)")
-    p.add_argument("--splits", type=Path, default=None,
-                   help="folder of MTG's split TSVs, autotagging_{TASK}-{train,validation,test}.tsv (PATH relative to "
-                   "--audio-dir); required with --npy-dir")  # fmt: skip
-    p.add_argument("--task", default="moodtheme", choices=TASKS,
-                   help="whose TSVs in --splits give the tracks (default: moodtheme; genre, instrument, top50tags "
-                   "and all are in MTG's raw_30s download, not the moodtheme one)")  # fmt: skip
-    p.add_argument("--out", type=Path, required=True, help="the store to write, e.g. data/mel128.h5")
-    p.add_argument("--features", default=None,
-                   help="feature recipe: mel128 or mel96 (required with --audio-dir; default mel96 with --npy-dir)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=1,
-                   help="decoding/loading processes; 0 = in the main process (default: 1)")  # fmt: skip
-    p.add_argument("--device", default="cpu", help="where the mel transform runs: cpu or cuda (default: cpu; audio only)")
-    p.add_argument("--min-frames", type=int, default=None,
-                   help="skip audio that gives fewer frames than this (default: 128, the shortest input window; "
-                   "audio only)")  # fmt: skip
-    p.add_argument("--tags", type=Path, default=None,
-                   help="tag list (default: MTG's list for --task beside --splits, else the TSVs' own tags)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64, help="tracks per resumable part (default: 64)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def run_prepare(args: argparse.Namespace) -> int:
-    from freqtag.prepare.command import DEFAULT_MIN_FRAMES, prepare_audio, prepare_npy
-
-    if args.workers < 0:
-        _error(f"--workers {args.workers}: must be 0 (work in the main process) or more")
-        return 2
-    if args.audio_dir is not None:
-        if args.features is None:
-            _error("--features is required with --audio-dir: mel128 or mel96")
-            return 2
-        min_frames = DEFAULT_MIN_FRAMES if args.min_frames is None else args.min_frames
-        if min_frames < 1:
-            _error(f"--min-frames {min_frames}: must be at least 1")
-            return 2
-        report = prepare_audio(
-            args.audio_dir,
-            args.out,
-            args.features,
-            splits_dir=args.splits,
-            workers=args.workers,
-            device=args.device,
-            min_frames=min_frames,
-            tags_file=args.tags,
-            progress=not args.no_progress,
-            batch_size=args.batch_size,
-            task=args.task,
-        )
-    else:
-        if args.splits is None:
-            _error("--splits is required with --npy-dir: the folder of MTG's split TSVs (data/splits/split-0)")
-            return 2
-        if args.min_frames is not None or args.device != "cpu":
-            _error("--min-frames and --device apply to --audio-dir only")
-            return 2
-        report = prepare_npy(
-            args.npy_dir,
-            args.splits,
-            args.out,
-            features=args.features or "mel96",
-            workers=args.workers,
-            tags_file=args.tags,
-            progress=not args.no_progress,
-            batch_size=args.batch_size,
-            task=args.task,
-        )
-    n_skipped = len(report.skipped)
-    if report.already_complete:
-        if n_skipped:
-            print(
-                f"{report.out} is already complete but lacks {n_skipped} of the {report.total} requested tracks; "
-                f"{report.report} lists them (delete {report.out} to rebuild it)"
-            )
-            return 1
-        print(f"{report.out} is already complete: it holds all {report.total} requested tracks")
-        return 0
-    resumed = f" ({report.resumed} kept from an interrupted run)" if report.resumed else ""
-    print(f"wrote {report.out}: {report.written} of {report.total} tracks{resumed} in {report.seconds:.1f} s")
-    if n_skipped:
-        print(f"skipped {n_skipped} tracks, listed with reasons in {report.report}:", file=sys.stderr)
-        for track_id, path, reason in report.skipped[:SKIPPED_SHOWN]:
-            print(f"  {track_id}  {path}: {reason}", file=sys.stderr)
-        if n_skipped > SKIPPED_SHOWN:
-            print(f"  ... and {n_skipped - SKIPPED_SHOWN} more, all in {report.report}", file=sys.stderr)
-        return 1
-    return 0
-
-
-# ------------------------------------------------------------------------- info
-
-
-def add_info_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser("info", help="describe a feature store, or export one track")
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", type=Path, help="the store, e.g. data/mel96.h5")
     p.add_argument("--track", help="a track id to export (with --npy)")
     p.add_argument("--npy", type=Path, help="write that track's features here as float32 (bands, frames)")
-    return p
 
 
 def run_info(args: argparse.Namespace) -> int:
     if (args.track is None) != (args.npy is None):
-        _error("--track and --npy go together: freqtag info STORE --track ID --npy OUT.npy")
-        return 2
+        return usage("--track and --npy go together: freqtag info STORE --track ID --npy OUT.npy")
     if args.track is None:
         print_store_info(args.store)
         return 0
@@ -179,8 +76,8 @@ def run_info(args: argparse.Namespace) -> int:
 
     store = FeatureStore(args.store)
     if args.track not in store:
-        _error(f"track {args.track!r} is not in {args.store} ({len(store)} tracks, e.g. {', '.join(store.track_ids[:3])})")
-        return 1
+        error(f"track {args.track!r} is not in {args.store} ({len(store)} tracks, e.g. {', '.join(store.track_ids[:3])})")
+        return FAILED
     x = store.track(args.track).astype(np.float32).T
     args.npy.parent.mkdir(parents=True, exist_ok=True)
     with open(args.npy, "wb") as f:  # an open file keeps the name exactly as given
@@ -189,16 +86,11 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------ synth
-
-
-def add_synth_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser("synth", help="write a small synthetic dataset (split TSVs + store) for the demo")
+def add_synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder to write into")
     p.add_argument("--tracks", type=int, default=None, help="number of tracks (default: synthesize's own)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: synthesize's own)")
     p.add_argument("--features", choices=("mel96", "mel128"), default="mel96", help="feature kind (default: mel96)")
-    return p
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -210,15 +102,8 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------- summary
-
-
-def add_summary_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "summary", help="print the paper's Table 1 for a model, computed from the instantiated network"
-    )
+def add_summary_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=freq_dep features=mel128 data.input_length=224")
-    return p
 
 
 def run_summary(args: argparse.Namespace) -> int:
@@ -241,9 +126,8 @@ def run_summary(args: argparse.Namespace) -> int:
             n_tags = len(task_tags(cfg.data.splits_dir, task, cfg.data.get("tags_file"))[0])
         except Exception:  # noqa: BLE001 - no metadata at hand (or paths that resolve only inside a Hydra run)
             if task != "moodtheme":
-                _error(f"model.n_tags=null: the {task} task's tags come from its TSVs, not found under "
-                       f"data.splits_dir; pass model.n_tags=N")
-                return 2
+                return usage(f"model.n_tags=null: the {task} task's tags come from its TSVs, not found under "
+                             f"data.splits_dir; pass model.n_tags=N")
             n_tags = len(MOODTHEME_TAGS)
         with open_dict(cfg):
             cfg.model.n_tags = n_tags
@@ -262,38 +146,40 @@ def run_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-# -------------------------------------------------------------- registrations
-
-from freqtag.data.download.cli import add_download_parser, run_download  # noqa: E402  (stdlib only; rich when run)
-from freqtag.scoring.ensemble import add_ensemble_parser, run_ensemble  # noqa: E402  (numpy only: --help stays instant)
-from freqtag.scoring.submission import add_evaluate_parser, run_evaluate  # noqa: E402
-from freqtag.tag.embed import add_embed_parser, run_embed  # noqa: E402  (as predict: torch when run)
-from freqtag.tag.export import add_export_parser, run_export  # noqa: E402
-from freqtag.tag.predict import add_predict_parser, run_predict  # noqa: E402  (numpy/soundfile only; torch when run)
-from freqtag.tag.serve.command import add_serve_parser, run_serve  # noqa: E402  (stdlib only; torch, starlette when run)
-
-# name -> (add parser, run). Later subcommands (summary, predict, ensemble, ...)
-# add one line here and their two functions above.
-COMMANDS: dict[str, tuple[AddParser, Runner]] = {
-    "prepare": (add_prepare_parser, run_prepare),
-    "info": (add_info_parser, run_info),
-    "synth": (add_synth_parser, run_synth),
-    "summary": (add_summary_parser, run_summary),
-    "ensemble": (add_ensemble_parser, run_ensemble),
-    "evaluate": (add_evaluate_parser, run_evaluate),
-    "predict": (add_predict_parser, run_predict),
-    "export": (add_export_parser, run_export),
-    "embed": (add_embed_parser, run_embed),
-    "download": (add_download_parser, run_download),
-    "serve": (add_serve_parser, run_serve),
+# The one place subcommands are registered, in `freqtag --help`'s order. The modules named here import only the
+# standard library and numpy when loaded: their runners import the rest.
+COMMANDS: dict[str, Command] = {
+    "prepare": Command("build a feature store from audio files or from MTG-Jamendo's .npy spectrograms",
+                       prepare.add_prepare_arguments, prepare.run_prepare),
+    "info": Command("describe a feature store, or export one track", add_info_arguments, run_info),
+    "synth": Command("write a small synthetic dataset (split TSVs + store) for the demo",
+                     add_synth_arguments, run_synth),
+    "summary": Command("print the paper's Table 1 for a model, computed from the instantiated network",
+                       add_summary_arguments, run_summary),
+    "ensemble": Command("average the predictions of runs: the paper's Table 2, per-tag scores, a MediaEval submission",
+                        ensemble.add_ensemble_arguments, ensemble.run_ensemble),
+    "evaluate": Command("score a predictions file as MediaEval does (results.tsv lines)",
+                        submission.add_evaluate_arguments, submission.run_evaluate),
+    "predict": Command("tag audio files with a trained checkpoint (or an ensemble)",
+                       predict.add_predict_arguments, predict.run_predict),
+    "export": Command("export a checkpoint as TorchScript or ONNX (raw log-mel in, window probabilities out)",
+                      export.add_export_arguments, export.run_export),
+    "embed": Command("write track embeddings (a layer's activations, mean over windows) of audio files to an .npz",
+                     embed.add_embed_arguments, embed.run_embed),
+    "download": Command("download MTG-Jamendo from MTG's mirrors: parallel, resumable, checked against MTG's sha256 "
+                        "lists", download.add_download_arguments, download.run_download),
+    "serve": Command("a web page and HTTP API to tag audio files in the browser",
+                     serve.add_serve_arguments, serve.run_serve),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freqtag", description="Frequency-dependent CNN music tagger.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (add_parser, run) in COMMANDS.items():
-        add_parser(subparsers).set_defaults(run=run)
+    for name, command in COMMANDS.items():
+        p = subparsers.add_parser(name, help=command.help)
+        command.arguments(p)
+        p.set_defaults(run=command.run)
     return parser
 
 
@@ -309,17 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from freqtag.data.store import StoreError
     from freqtag.prepare.command import PrepareError
 
-    try:
-        return int(args.run(args))
-    except (HydraException, OmegaConfBaseException) as e:
-        _error(f"{e}".splitlines()[0] + "; see `python train.py --help` for the config groups")
-        return 2
-    except (JamendoFormatError, StoreError, PrepareError, OSError, ValueError) as e:
-        _error(str(e))
-        return 1
-    except KeyboardInterrupt:
-        _error("interrupted; re-run the same command to resume")
-        return 130
+    return run_command(
+        lambda: args.run(args),
+        failures=(JamendoFormatError, StoreError, PrepareError, OSError, ValueError),
+        usage_errors=(HydraException, OmegaConfBaseException),
+        usage_note="; see `python train.py --help` for the config groups",
+    )
 
 
 if __name__ == "__main__":

@@ -169,9 +169,10 @@ def test_invalid_settings() -> None:
         FreqTagNet(96, 0)
 
 
-# Table 1 of the paper for 128 x 224, corrected as REFERENCE.md says: filter1 has
-# 256 channels, filter2 has stride 2 and filter3 stride 1 (so filter3 and filter4
-# see 8 x 14), and the average pool's stride equals its kernel (7; the paper
+# Table 1 of the paper for 128 x 224 as the network is built (the authors' code): the
+# paper prints 128 channels for filter1 and swaps filter2's and filter3's strides; built,
+# filter1 has 256 channels, filter2 has stride 2 and filter3 stride 1 (so filter3 and
+# filter4 see 8 x 14), and the average pool's stride equals its kernel (7; the paper
 # prints 1, which gives the same single window on a 7-step input).
 TABLE1 = [
     ("conv1", "128 × 224", "3 × 3 / 2", 64, 0.0),

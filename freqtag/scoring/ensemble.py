@@ -19,7 +19,7 @@ from freqtag.scoring.submission import write_submission
 from freqtag.scoring.table import Row, per_tag_csv, plot_table, table_csv, table_markdown, table_rows
 from freqtag.system.atomic import atomic_write_text
 
-__all__ = ["EnsembleResult", "build_ensemble", "add_ensemble_parser", "run_ensemble"]
+__all__ = ["EnsembleResult", "build_ensemble", "add_ensemble_arguments", "run_ensemble"]
 
 
 @dataclass(frozen=True)
@@ -71,15 +71,13 @@ def build_ensemble(
     return EnsembleResult(runs=runs, rows=rows, results=results, out=out)
 
 
-def add_ensemble_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "ensemble",
-        help="average the predictions of runs: the paper's Table 2, per-tag scores, a MediaEval submission",
-        description="For every override key whose value differs between the runs, and every value of it, average the "
+def add_ensemble_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "For every override key whose value differs between the runs, and every value of it, average the "
         "probabilities of the runs with that value and score the average on validation and test; the ensemble row "
         "averages all runs. Writes table.md, table.csv, table.png, per_tag.csv and submission/ (predictions.npy, "
         "decisions.npy, thresholds.tsv, results.tsv; thresholds maximise each tag's F-score on validation and are "
-        "applied to test).",
+        "applied to test)."
     )
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a sweep directory or run directories")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: ensemble/ in the first PATH)")
@@ -97,7 +95,6 @@ def add_ensemble_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[
     p.add_argument("--wandb-entity", default=None, help="W&B entity (default: yours)")
     p.add_argument("--wandb-group", default=None,
                    help="W&B group (default: the sweep the runs were trained in, as logger=wandb named it)")  # fmt: skip
-    return p
 
 
 def run_ensemble(args: argparse.Namespace) -> int:

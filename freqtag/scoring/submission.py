@@ -31,7 +31,7 @@ __all__ = [
     "write_submission",
     "load_predictions",
     "load_ground_truth",
-    "add_evaluate_parser",
+    "add_evaluate_arguments",
     "run_evaluate",
 ]
 
@@ -168,14 +168,12 @@ def load_ground_truth(path: str | Path, tags_file: str | Path | None = None) -> 
     return {"targets": split.labels, "track_ids": np.array(split.track_ids, dtype=str), "tags": np.array(tags, dtype=str)}
 
 
-def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "evaluate",
-        help="score a predictions file as MediaEval does (results.tsv lines)",
-        description="Score predictions with the MediaEval metrics: macro and micro ROC-AUC and PR-AUC, and with "
-        "decisions (--decisions, or --thresholds applied as probs >= threshold) precision, recall and F-score. "
-        "PREDICTIONS is a run's predictions/<split>.npz or a MediaEval predictions.npy (rows in split-TSV order); "
-        "GROUNDTRUTH is a 0/1 .npy or the split TSV (optional for an .npz, which holds its targets).",
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Score predictions with the MediaEval metrics: macro and micro ROC-AUC and PR-AUC, and with decisions "
+        "(--decisions, or --thresholds applied as probs >= threshold) precision, recall and F-score. PREDICTIONS is "
+        "a run's predictions/<split>.npz or a MediaEval predictions.npy (rows in split-TSV order); GROUNDTRUTH is a "
+        "0/1 .npy or the split TSV (optional for an .npz, which holds its targets)."
     )
     p.add_argument("predictions", type=Path, help="predictions .npz (ours) or .npy (MediaEval, float tracks x tags)")
     p.add_argument("groundtruth", type=Path, nargs="?", default=None, help="ground truth: a 0/1 .npy or a split TSV")
@@ -186,7 +184,6 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[
                    help="tag list for a TSV ground truth (default: MTG's list for the TSV's task found beside it, "
                    "else the task's TSVs' own tags)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="also write the lines to this results.tsv")
-    return p
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

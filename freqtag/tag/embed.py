@@ -34,23 +34,22 @@ from typing import Any, Sequence
 import numpy as np
 
 from freqtag.system.atomic import atomic_path
+from freqtag.system.exits import usage
 from freqtag.tag.formats import FileResult
 from freqtag.tag.inputs import expand_inputs
 from freqtag.tag.runner import add_run_arguments, load_for_run, report_failed, run_files
 
-__all__ = ["add_embed_parser", "run_embed", "embeddings_npz", "WIDTHS"]
+__all__ = ["add_embed_arguments", "run_embed", "embeddings_npz", "WIDTHS"]
 
 #: The layers of :data:`freqtag.tag.models.LAYERS` and their widths (named here: ``freqtag --help`` imports no torch).
 WIDTHS = {"fc": 1024, "collapse": 512}
 
 
-def add_embed_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "embed",
-        help="write track embeddings (a layer's activations, mean over windows) of audio files to an .npz",
-        description="Embed audio files with a trained checkpoint: per file, the mean over its windows of a layer's "
-        "activations (fc: 1024-d, default; collapse: 512-d), with per-window ones on request. Exit status: 0 all "
-        "files embedded, 1 some failed (reported, the others embedded), 2 usage error.",
+def add_embed_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Embed audio files with a trained checkpoint: per file, the mean over its windows of a layer's activations "
+        "(fc: 1024-d, default; collapse: 512-d), with per-window ones on request. Exit status: 0 all files "
+        "embedded, 1 some failed (reported, the others embedded), 2 usage error."
     )
     add_run_arguments(p, ensemble=False)
     p.add_argument("--out", type=Path, required=True, help="the .npz to write (atomically)")
@@ -58,7 +57,6 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-
                    help="fc: the 1024-d layer before the output (default); collapse: the 512-d one after the "
                    "average pool")
     p.add_argument("--windows", action="store_true", help="also store each window's embedding and start time")
-    return p
 
 
 def embeddings_npz(results: Sequence[FileResult], failed: Sequence[tuple[str, str]], model: Any, layer: str,
@@ -94,14 +92,12 @@ def embeddings_npz(results: Sequence[FileResult], failed: Sequence[tuple[str, st
 def run_embed(args: argparse.Namespace) -> int:
     """Embed every input; 0 when all were embedded, 1 when some failed, 2 for a usage error."""
     if args.out.suffix.lower() != ".npz":
-        print(f"freqtag embed: error: --out {args.out}: name an .npz file (e.g. embeddings.npz)", file=sys.stderr)
-        return 2
+        return usage(f"--out {args.out}: name an .npz file (e.g. embeddings.npz)", "embed")
     models = load_for_run(args, "embed")
     if isinstance(models, int):
         return models
     if len(models) != 1:  # pragma: no cover - argparse takes one --ckpt; split_checkpoints never adds one
-        print("freqtag embed: error: give one checkpoint", file=sys.stderr)
-        return 2
+        return usage("give one checkpoint", "embed")
     files, failed = expand_inputs(args.inputs)
     results: list[FileResult] = []
     run_files(args, models, files, failed, results.append, "embed", layer=args.layer)

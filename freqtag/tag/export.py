@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from freqtag.system.atomic import atomic_path, atomic_write_text
+from freqtag.system.exits import usage
 
-__all__ = ["export_checkpoint", "sidecar", "add_export_parser", "run_export", "EXPORT_FORMATS"]
+__all__ = ["export_checkpoint", "sidecar", "add_export_arguments", "run_export", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("torchscript", "onnx", "hub")
 ONNX_OPSET = 18
@@ -134,13 +134,11 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path) -> tuple[Path
     return out, side
 
 
-def add_export_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "export",
-        help="export a checkpoint as TorchScript or ONNX (raw log-mel in, window probabilities out)",
-        description="Export a trained checkpoint. The model takes RAW log-mel features (batch, bands, frames) of "
-        "the checkpoint's recipe (normalisation is inside) and returns per-window probabilities (batch, windows, "
-        "tags). The recipe, tag list and statistics go to OUT.json (and, for ONNX, the model's metadata).",
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Export a trained checkpoint. The model takes RAW log-mel features (batch, bands, frames) of the "
+        "checkpoint's recipe (normalisation is inside) and returns per-window probabilities (batch, windows, tags). "
+        "The recipe, tag list and statistics go to OUT.json (and, for ONNX, the model's metadata)."
     )
     p.add_argument("--ckpt", required=True,
                    help="a run directory, its checkpoints/final.ckpt, an https:// URL or hf://ORG/REPO")
@@ -149,7 +147,6 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no
                    "(checkpoint, thresholds, metrics, model card)")
     p.add_argument("--out", type=Path, required=True,
                    help="the file to write (model.pt, model.onnx), or the folder for --format hub")
-    return p
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -165,7 +162,6 @@ def run_export(args: argparse.Namespace) -> int:
             return 0
         out, side = export_checkpoint(args.ckpt, args.format, args.out)
     except (CheckpointError, ValueError) as e:
-        print(f"freqtag export: error: {e}", file=sys.stderr)
-        return 2
+        return usage(str(e), "export")
     print(f"wrote {out} ({args.format}) and {side}")
     return 0

@@ -16,16 +16,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from freqtag.system.atomic import atomic_write_text
+from freqtag.system.exits import usage
 from freqtag.tag.formats import FORMATS, FileResult, Report, output_format, plot_names, render
 from freqtag.tag.inputs import expand_inputs, split_checkpoints
 from freqtag.tag.runner import OOM_FIX, add_run_arguments, load_for_run, report_failed, run_files, tag_file
 
 __all__ = [
     "add_predict_arguments",
-    "add_predict_parser",
+    "parse_threshold",
     "run_predict",
     "main",
     "expand_inputs",
@@ -39,7 +38,13 @@ __all__ = [
 ]
 
 
-def add_predict_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    """``freqtag predict``'s options (``python predict.py`` takes the same)."""
+    p.description = (
+        "Tag audio files: the top tags, all 56 probabilities and the decisions per file, as a table, JSON, JSONL or "
+        "CSV, optionally with taggram plots. Exit status: 0 all files tagged, 1 some failed (reported, the others "
+        "tagged), 2 usage error."
+    )
     add_run_arguments(p, ensemble=True)
     p.add_argument("--top", type=int, default=5, help="tags listed per file (default: 5)")
     p.add_argument("--threshold", default="auto",
@@ -50,21 +55,10 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--plot", type=Path, default=None, metavar="DIR",
                    help="write a taggram and a bar chart (PNG) per file into DIR")
     p.add_argument("--windows", action="store_true", help="include per-window probabilities (json/jsonl only)")
-    return p
 
 
-def add_predict_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "predict",
-        help="tag audio files with a trained checkpoint (or an ensemble)",
-        description="Tag audio files: the top tags, all 56 probabilities and the decisions per file, as a table, "
-        "JSON, JSONL or CSV, optionally with taggram plots. Exit status: 0 all files tagged, 1 some failed "
-        "(reported, the others tagged), 2 usage error.",
-    )
-    return add_predict_arguments(p)
-
-
-def _threshold(value: str) -> float | None:
+def parse_threshold(value: str) -> float | None:
+    """``--threshold``: None for auto, else the probability; ValueError says what is wrong."""
     if value == "auto":
         return None
     try:
@@ -80,29 +74,22 @@ def run_predict(args: argparse.Namespace) -> int:
     """Tag every input; 0 when all were tagged, 1 when some failed, 2 for a usage error."""
     from freqtag.tag.models import CheckpointError, ensemble_thresholds
 
-    def usage(msg: str) -> int:
-        print(f"freqtag predict: error: {msg}", file=sys.stderr)
-        return 2
-
     if args.top < 1:
-        return usage(f"--top {args.top}: must be at least 1")
+        return usage(f"--top {args.top}: must be at least 1", "predict")
     try:
-        fixed = _threshold(args.threshold)
+        fixed = parse_threshold(args.threshold)
     except ValueError as e:
-        return usage(str(e))
+        return usage(str(e), "predict")
     fmt = output_format(args)
     if args.windows and fmt not in ("json", "jsonl"):
-        return usage(f"--windows needs --format json or jsonl (the output format is {fmt})")
+        return usage(f"--windows needs --format json or jsonl (the output format is {fmt})", "predict")
     models = load_for_run(args, "predict")
     if isinstance(models, int):
         return models
     try:
-        if fixed is None:
-            thresholds, source = ensemble_thresholds(models)
-        else:
-            thresholds, source = np.full(len(models[0].tags), fixed), f"threshold {fixed:g}"
+        thresholds, source = ensemble_thresholds(models, fixed)
     except (CheckpointError, ValueError, OSError) as e:
-        return usage(str(e))
+        return usage(str(e), "predict")
 
     from freqtag.data.jamendo import short_tag
 
@@ -132,11 +119,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python predict.py ...``: the same options as ``freqtag predict``."""
-    parser = argparse.ArgumentParser(
-        prog="predict.py",
-        description="Tag audio files with trained freqtag checkpoints (see `freqtag predict --help`).",
-    )
+    parser = argparse.ArgumentParser(prog="predict.py")
     add_predict_arguments(parser)
+    parser.description = "Tag audio files with trained freqtag checkpoints (see `freqtag predict --help`)."
     args = parser.parse_args(argv)
     from freqtag.system.quiet import quiet_third_party
 

@@ -46,7 +46,7 @@ are the work, and the GPU wants one process.
 
 The outputs are identical: the features come from the same single-threaded
 code, the network sees the same chunks of frames, and its arithmetic does not
-depend on the thread count (:class:`freqtag.tag.models.OneDNNConvolutions`).
+depend on the thread count (:class:`freqtag.wholetrack.OneDNNConvolutions`).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from freqtag.audio.decode import AudioError
+from freqtag.system.exits import FAILED, error, usage
 from freqtag.system.faults import fault_point
 from freqtag.tag.formats import FileResult
 
@@ -216,7 +217,7 @@ def tag_job(job: Any, chunk_windows: int | None, layer: str | None) -> FileResul
 def network_worker_bytes(models: Sequence[Any], chunk_windows: int | None = None) -> int:
     """Estimated peak memory of one network worker: :data:`PASS_PEAK_MEL128` scaled by the bands x frames of
     the largest forward pass (the activations), plus the models' weights."""
-    from freqtag.tag.models import CHUNK_FRAMES, WindowStream
+    from freqtag.wholetrack import CHUNK_FRAMES, WindowStream
 
     def pass_size(m: Any) -> int:
         s = WindowStream(m, chunk_windows)
@@ -229,12 +230,12 @@ def network_worker_bytes(models: Sequence[Any], chunk_windows: int | None = None
 
 def network_in_workers(models: Sequence[Any]) -> bool:
     """Whether workers run the network too: on a CPU, where its result does not depend on the thread count."""
-    from freqtag.tag.models import thread_invariant
+    from freqtag.wholetrack import thread_invariant
 
     return all(thread_invariant(m.device) for m in models)
 
 
-def tag_files(files: Sequence[Path], models: Sequence[Any], chunk_windows: int | None = None,
+def tag_files(files: Sequence[Path], models: Sequence[Any], chunk_windows: int | None = None,  # 64 lines: its three designs side by side
               layer: str | None = None, workers: int = 0, low_memory: bool = False,
               network_workers: bool | None = None) -> Iterator[tuple[Path, FileResult | str]]:
     """Each file (in input order) with its result, or the reason it failed; the others go on.
@@ -309,42 +310,51 @@ def load_for_run(args: argparse.Namespace, command: str) -> list[Any] | int:
     Warns (one line each) about models trained on the synthetic demo data.
     """
     from freqtag.system.allocator import keep_freed_memory
-    from freqtag.system.memory import OutOfMemory, out_of_memory
     from freqtag.tag.inputs import split_checkpoints
-    from freqtag.tag.models import CheckpointError, load_models, resolve_device
-
-    def usage(msg: str) -> int:
-        print(f"freqtag {command}: error: {msg}", file=sys.stderr)
-        return 2
 
     if not args.low_memory:  # chunk after chunk would page-fault the network's buffers back in: 2.1x slower on CPU
         keep_freed_memory()
     split_checkpoints(args)
     if not args.inputs:
-        return usage("no INPUT given: name audio files, folders or globs after the checkpoints")
+        return usage("no INPUT given: name audio files, folders or globs after the checkpoints", command)
     if args.batch_size is not None and args.batch_size < 1:
-        return usage(f"--batch-size {args.batch_size}: must be at least 1 window")
+        return usage(f"--batch-size {args.batch_size}: must be at least 1 window", command)
     defaulted = args.workers is None
     if defaulted:
         args.workers = default_workers()
     if args.workers < 0:
-        return usage(f"--workers {args.workers}: must be 0 (all in this process) or more")
-    try:
-        device = resolve_device(args.device)
-        with out_of_memory(f"the model{'s' if len(args.ckpt) > 1 else ''} on {device}", OOM_FIX):
-            models = load_models(args.ckpt, device)
-    except OutOfMemory as e:
-        print(f"freqtag {command}: error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, ValueError, OSError) as e:
-        return usage(str(e))
+        return usage(f"--workers {args.workers}: must be 0 (all in this process) or more", command)
+    models = load_checked(args.ckpt, args.device, command)
+    if isinstance(models, int):
+        return models
     if defaulted:
         _fit_workers(args, models, command)
+    warn_synthetic(models, command)
+    return models
+
+
+def load_checked(ckpts: Sequence[str], device: str, command: str) -> list[Any] | int:
+    """``--ckpt`` on ``--device``, loaded; on failure its one line and an exit status (1 out of memory, else 2)."""
+    from freqtag.system.memory import OutOfMemory, out_of_memory
+    from freqtag.tag.models import CheckpointError, load_models, resolve_device
+
+    try:
+        dev = resolve_device(device)
+        with out_of_memory(f"the model{'s' if len(ckpts) > 1 else ''} on {dev}", OOM_FIX):
+            return load_models(ckpts, dev)
+    except OutOfMemory as e:
+        error(str(e), command)
+        return FAILED
+    except (CheckpointError, ValueError, OSError) as e:
+        return usage(str(e), command)
+
+
+def warn_synthetic(models: Sequence[Any], command: str) -> None:
+    """One line per model trained on the synthetic demo data."""
     for m in models:
         if m.synthetic:
             print(f"freqtag {command}: warning: {m.source or m.path} was trained on freqtag's synthetic demo data: "
                   f"its tags say nothing about real music", file=sys.stderr)
-    return models
 
 
 def _fit_workers(args: argparse.Namespace, models: Sequence[Any], command: str) -> None:

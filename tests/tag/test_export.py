@@ -55,7 +55,7 @@ def test_torchscript_equals_pytorch(runs, tmp_path, features):
         mel = raw_input(model, 2, frames, frames)
         got = ts(mel).detach().numpy()
         want = reference(model, mel)
-        assert got.shape == want.shape == (2, model.n_windows(frames), 56)
+        assert got.shape == want.shape == (2, model.net.n_windows(frames), 56)
         np.testing.assert_allclose(got, want, atol=1e-5)
     extra = {"freqtag.json": ""}
     torch.jit.load(str(out), _extra_files=extra)

@@ -337,7 +337,7 @@ def test_the_network_gives_the_same_bits_on_any_number_of_threads(runs, features
 
 def test_onednn_convolutions_equal_torchs_own():
     """Routed to oneDNN: positional and keyword arguments, strides, padding, dilation, groups; 'same' left to torch."""
-    from freqtag.tag.models import OneDNNConvolutions
+    from freqtag.wholetrack import OneDNNConvolutions
 
     g = torch.Generator().manual_seed(1)
     x2, w2, b2 = torch.randn(2, 8, 9, 31, generator=g), torch.randn(12, 4, 3, 3, generator=g), torch.randn(12, generator=g)

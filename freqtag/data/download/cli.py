@@ -7,24 +7,19 @@ import sys
 from pathlib import Path
 
 from freqtag.data.download.lists import DATASETS, DEFAULT_MIRROR, MIRRORS, TYPES
+from freqtag.system.exits import FAILED, error, usage
 
-__all__ = ["add_download_parser", "run_download"]
+__all__ = ["add_download_arguments", "run_download"]
 
 FAILURES_SHOWN = 20  # failures listed one per line; the table shows every shard
 
 
-def _error(message: str) -> None:
-    print(f"freqtag: error: {message}", file=sys.stderr)
-
-
-def add_download_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "download",
-        help="download MTG-Jamendo from MTG's mirrors: parallel, resumable, checked against MTG's sha256 lists",
-        description="Download MTG-Jamendo's tar shards (and with --unpack their tracks), each checked against the "
-        "sha256 lists of your clone of MTG's repository. Shards download in parallel, resume after an interruption "
-        "(re-run the same command), and a re-run skips what is verified. Exit 0 when everything asked for is "
-        "present and verified, 1 when something failed (each listed with why), 2 for a usage error.",
+def add_download_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Download MTG-Jamendo's tar shards (and with --unpack their tracks), each checked against the sha256 lists "
+        "of your clone of MTG's repository. Shards download in parallel, resume after an interruption (re-run the "
+        "same command), and a re-run skips what is verified. Exit 0 when everything asked for is present and "
+        "verified, 1 when something failed (each listed with why), 2 for a usage error."
     )
     p.add_argument("--dataset", choices=DATASETS, default="autotagging_moodtheme",
                    help="which tracks (default: autotagging_moodtheme)")  # fmt: skip
@@ -48,7 +43,6 @@ def add_download_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[
                    help="further tries per shard after a network error, resuming each time, with doubling waits "
                    "(default: 5)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def run_download(args: argparse.Namespace) -> int:
@@ -58,8 +52,7 @@ def run_download(args: argparse.Namespace) -> int:
     from freqtag.system.faults import DiskFullError
 
     if args.timeout <= 0 or args.retries < 0:
-        _error(f"--timeout {args.timeout} / --retries {args.retries}: need a positive timeout and 0 or more retries")
-        return 2
+        return usage(f"--timeout {args.timeout} / --retries {args.retries}: need a positive timeout and 0 or more retries")
     options = FetchOptions(timeout=args.timeout, retries=args.retries)
     plan = DownloadPlan(args.dataset, args.data_type, args.out, args.mtg_repo, mirror=args.mirror, shards=args.shards,
                         unpack=args.unpack, remove=args.remove, jobs=args.jobs, options=options,
@@ -67,12 +60,11 @@ def run_download(args: argparse.Namespace) -> int:
     try:
         report = download(plan)
     except UsageError as e:
-        _error(str(e))
-        return 2
+        return usage(str(e))
     except (MirrorDown, DiskFullError) as e:
-        _error(f"{e}; the shards and tracks verified so far are kept: the same command resumes"
-               if isinstance(e, MirrorDown) else str(e))  # fmt: skip
-        return 1
+        error(f"{e}; the shards and tracks verified so far are kept: the same command resumes"
+              if isinstance(e, MirrorDown) else str(e))  # fmt: skip
+        return FAILED
     print_summary(report)
     return 1 if report.failures else 0
 

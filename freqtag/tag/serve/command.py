@@ -17,20 +17,19 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["add_serve_parser", "run_serve", "GRACE_S"]
+from freqtag.system.exits import FAILED, error, usage
+
+__all__ = ["add_serve_arguments", "run_serve", "GRACE_S"]
 
 GRACE_S = 10  # seconds requests in flight get to finish after Ctrl-C
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-    p = subparsers.add_parser(
-        "serve",
-        help="a web page and HTTP API to tag audio files in the browser",
-        description="Serve a page (drop audio files: top tags, decisions, a bar chart and the taggram, with a "
-        "player) and an API: POST /api/tag (multipart file; ?windows=1 adds the per-window data) returns "
-        "`predict --format json`'s record, GET /api/model describes the model. Binds to 127.0.0.1 unless --host "
-        "says otherwise; Ctrl-C stops it.",
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Serve a page (drop audio files: top tags, decisions, a bar chart and the taggram, with a player) and an "
+        "API: POST /api/tag (multipart file; ?windows=1 adds the per-window data) returns `predict --format json`'s "
+        "record, GET /api/model describes the model. Binds to 127.0.0.1 unless --host says otherwise; Ctrl-C stops it."
     )
     p.add_argument("--ckpt", nargs="+", required=True, metavar="CKPT",
                    help="run directories, final.ckpt files, https:// URLs (#sha256=HEX to check) or "
@@ -50,12 +49,6 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-
                    help="windows per forward pass (default: 16384 frames' worth); bounds memory, never changes the result")
     p.add_argument("--low-memory", action="store_true",
                    help="give freed memory back to the system between chunks (lower peak, slower on a CPU)")
-    return p
-
-
-def _usage(message: str) -> int:
-    print(f"freqtag serve: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _check_options(args: argparse.Namespace) -> str | None:
@@ -76,33 +69,24 @@ def _check_options(args: argparse.Namespace) -> str | None:
 def _load(args: argparse.Namespace) -> tuple[list[Any], Any, str] | int:
     """Models and thresholds as ``predict`` gets them; an exit status on failure."""
     from freqtag.system.allocator import keep_freed_memory
-    from freqtag.system.memory import OutOfMemory, out_of_memory
-    from freqtag.tag.models import CheckpointError, ensemble_thresholds, load_models, resolve_device
-    from freqtag.tag.predict import _threshold
-    from freqtag.tag.runner import OOM_FIX
+    from freqtag.tag.models import CheckpointError, ensemble_thresholds
+    from freqtag.tag.predict import parse_threshold
+    from freqtag.tag.runner import load_checked, warn_synthetic
 
     if not args.low_memory:
         keep_freed_memory()
     try:
-        fixed = _threshold(args.threshold)
-        device = resolve_device(args.device)
-        with out_of_memory(f"the model{'s' if len(args.ckpt) > 1 else ''} on {device}", OOM_FIX):
-            models = load_models(args.ckpt, device)
-        if fixed is None:
-            thresholds, source = ensemble_thresholds(models)
-        else:
-            import numpy as np
-
-            thresholds, source = np.full(len(models[0].tags), fixed), f"threshold {fixed:g}"
-    except OutOfMemory as e:
-        print(f"freqtag serve: error: {e}", file=sys.stderr)
-        return 1
+        fixed = parse_threshold(args.threshold)
+    except ValueError as e:
+        return usage(str(e), "serve")
+    models = load_checked(args.ckpt, args.device, "serve")
+    if isinstance(models, int):
+        return models
+    try:
+        thresholds, source = ensemble_thresholds(models, fixed)
     except (CheckpointError, ValueError, OSError) as e:
-        return _usage(str(e))
-    for m in models:
-        if m.synthetic:
-            print(f"freqtag serve: warning: {m.source or m.path} was trained on freqtag's synthetic demo data: "
-                  f"its tags say nothing about real music", file=sys.stderr)
+        return usage(str(e), "serve")
+    warn_synthetic(models, "serve")
     return models, thresholds, source
 
 
@@ -140,7 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Load, listen, serve until Ctrl-C or SIGTERM; 0 after a clean stop, 1 or 2 when it cannot start."""
     bad = _check_options(args)
     if bad:
-        return _usage(bad)
+        return usage(bad, "serve")
     loaded = _load(args)
     if isinstance(loaded, int):
         return loaded
@@ -148,8 +132,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         sock = _listen(args.host, args.port)
     except OSError as e:
-        print(f"freqtag serve: error: {e}", file=sys.stderr)
-        return 1
+        error(str(e), "serve")
+        return FAILED
     import uvicorn
 
     from freqtag.tag.serve.app import create_app
