@@ -13,8 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from freqtag.scoring.selection import (SHOWN, EnsembleError, Run, check_same_data, display, find_runs, is_run,
-                                       load_run, parse_selection, select_runs)
+from freqtag.scoring.selection import (
+    SHOWN,
+    EnsembleError,
+    Run,
+    check_same_data,
+    display,
+    find_runs,
+    is_run,
+    load_run,
+    parse_selection,
+    select_runs,
+)
 from freqtag.scoring.submission import write_submission
 from freqtag.scoring.table import Row, per_tag_csv, plot_table, table_csv, table_markdown, table_rows
 from freqtag.system.atomic import atomic_write_text

@@ -22,8 +22,6 @@ from freqtag.features import FeatureSpec
 from freqtag.model import FreqTagNet
 from freqtag.system.precision import evaluation_precision
 from freqtag.wholetrack import OneDNNConvolutions, WindowStream, thread_invariant
-# train/driver.py's and tests/train's import until the merge points them at freqtag.wholetrack:
-from freqtag.wholetrack import TIME_MIXING, batch_track_probabilities, masked_layers  # noqa: F401
 
 __all__ = [
     "TaggerModel",

@@ -13,9 +13,9 @@ from freqtag.data.datamodule import JamendoDataModule, normalised
 from freqtag.data.store import FeatureStore
 from freqtag.system.memory import out_of_memory
 from freqtag.system.precision import evaluation_precision
-from freqtag.tag.models import batch_track_probabilities, masked_layers
 from freqtag.train.module import track_probabilities
 from freqtag.train.overrides import ConfigError
+from freqtag.wholetrack import batch_track_probabilities, masked_layers
 
 __all__ = ["EVAL_BATCH_FRAMES", "check_eval_batch_frames", "TrackBatchSampler", "TrackBatchDataset",
            "evaluate_tracks", "distributed", "rank"]
@@ -102,7 +102,7 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
     evaluation, and this function's default for direct callers). N > 0 (run's
     config default :data:`EVAL_BATCH_FRAMES`): tracks of similar length share a
     pass of at most N padded frames (:class:`TrackBatchSampler`), scored by
-    :func:`~freqtag.tag.models.batch_track_probabilities`, whose masks keep the
+    :func:`~freqtag.wholetrack.batch_track_probabilities`, whose masks keep the
     padding out of every track's windows: each row equals the one-track pass to
     float rounding (bit for bit for a track alone in its pass). Fewer, larger
     passes keep a GPU busy; a network that cannot be masked is scored one

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from audio_signals import tone
 
 from freqtag.audio.decode import AudioError, decode
 from freqtag.audio.frames import frame_count
@@ -15,8 +16,6 @@ from freqtag.audio.logmel import mel_filterbank
 from freqtag.audio.stream import stream_features
 from freqtag.audio.whole import features_from_file
 from freqtag.features import FeatureSpec
-
-from audio_signals import tone
 
 MEL128 = FeatureSpec.load("mel128")
 MEL96 = FeatureSpec.load("mel96")

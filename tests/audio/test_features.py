@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
+from audio_signals import tone
 
 from freqtag.audio.frames import frame_count
 from freqtag.audio.logmel import LogMel, mel_filterbank
@@ -22,8 +23,6 @@ from freqtag.audio.resample import LinearBlockResampler, linear_count, linear_st
 from freqtag.audio.stream import stream_features
 from freqtag.audio.whole import features_from_file
 from freqtag.features import LEGACY_DEFAULTS, FeatureSpec
-
-from audio_signals import tone
 
 # librosa.load imports audioread, which imports modules Python 3.13 drops
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:audioread")

@@ -27,7 +27,6 @@ from freqtag.model import FreqTagNet
 from freqtag.system import faults
 from freqtag.system.faults import FAULT_ENV, DiskFullError
 from freqtag.system.memory import OutOfMemory
-from freqtag.tag.models import TIME_MIXING, batch_track_probabilities
 from freqtag.train import checkpoints, evaluation
 from freqtag.train.checkpoints import AtomicCheckpointIO
 from freqtag.train.driver import run
@@ -35,6 +34,7 @@ from freqtag.train.evaluation import TrackBatchSampler, evaluate_tracks
 from freqtag.train.main import user_error
 from freqtag.train.module import track_probabilities
 from freqtag.train.overrides import ConfigError
+from freqtag.wholetrack import TIME_MIXING, batch_track_probabilities
 
 INPUT_LENGTH = 64  # tiny tracks are 40-89 frames: some shorter than one window, most not a multiple of 32
 
