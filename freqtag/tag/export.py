@@ -28,47 +28,16 @@ import json
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from freqtag.system.atomic import atomic_path, atomic_write_text
 from freqtag.system.exits import usage
+from freqtag.tag.sidecar import sidecar
 
-__all__ = ["export_checkpoint", "sidecar", "add_export_arguments", "run_export", "EXPORT_FORMATS"]
+__all__ = ["export_checkpoint", "add_export_arguments", "run_export", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("torchscript", "onnx", "hub")
 ONNX_OPSET = 18
-
-
-def sidecar(model: Any, fmt: str, file: Path) -> dict[str, Any]:
-    """Everything a user of the exported file needs besides the file itself."""
-    from freqtag import __version__
-
-    return {
-        "format": fmt,
-        "file": file.name,
-        "checkpoint": model.source or str(model.path),
-        "input": {
-            "name": "mel",
-            "shape": ["batch", model.spec.n_mels, "frames"],
-            "dtype": "float32",
-            "kind": "raw log-mel features of the recipe in 'features' (NOT normalised: the model normalises)",
-            "min_frames": model.input_length if fmt == "onnx" else 1,
-        },
-        "output": {
-            "name": "probabilities",
-            "shape": ["batch", "windows", len(model.tags)],
-            "kind": "sigmoid probability per window of input_length frames; average over windows for a track",
-            "windows": "ceil(max(frames, input_length) / 32) // (input_length / 32)",
-        },
-        "features": model.spec.to_dict(),
-        "tags": list(model.tags),
-        "input_length": model.input_length,
-        "window_s": model.window_s,
-        "mean": model.mean,
-        "std": model.std,
-        "model": model.info.get("model"),
-        "freqtag_version": __version__,
-    }
 
 
 @contextmanager

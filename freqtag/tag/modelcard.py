@@ -105,8 +105,8 @@ def model_card(model: Any, sha256: str, metrics: dict[str, Any] | None, config: 
 
 def write_hub_folder(ckpt: str | Path, out: str | Path) -> list[Path]:
     """Write the folder ``out`` (created; files replaced atomically); returns the files written."""
-    from freqtag.tag.export import sidecar
     from freqtag.tag.models import load_model
+    from freqtag.tag.sidecar import sidecar
 
     out = Path(out)
     if out.exists() and not out.is_dir():
