@@ -81,7 +81,7 @@ def make_split(root: Path, n: int, min_s: float, max_s: float) -> Any:
     """A store with ``n`` test tracks (and a few train/validation ones) of log-uniform lengths; its DataModule."""
     from freqtag.data import jamendo
     from freqtag.data.datamodule import JamendoDataModule
-    from freqtag.data.store import StoreWriter
+    from freqtag.data.store_writer import StoreWriter
     from freqtag.features import FeatureSpec
 
     spec = FeatureSpec.load("mel128")

@@ -186,7 +186,8 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     from hydra.utils import instantiate
     from torch.optim.swa_utils import AveragedModel, update_bn
 
-    from freqtag.data.datamodule import CropSampler, normalised
+    from freqtag.data.normalise import normalised
+    from freqtag.data.samplers import CropSampler
     from freqtag.features import FeatureSpec
     from freqtag.train.driver import build_loss, build_net, check_scorable, set_n_tags
     from freqtag.train.losses import mixup_loss
@@ -492,7 +493,7 @@ def rng_stats(steps: int, seed: int, tracks: int, out: Path | None) -> dict:
     import torch
     from scipy import stats
 
-    from freqtag.data.datamodule import CropSampler
+    from freqtag.data.samplers import CropSampler
 
     torch.set_num_threads(1)
     alpha, B, L = 0.2, 32, 64

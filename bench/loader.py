@@ -82,7 +82,8 @@ import torch
 from machine import machine  # bench/machine.py, beside this script
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from freqtag.data.datamodule import CropSampler, JamendoDataModule
+from freqtag.data.datamodule import JamendoDataModule
+from freqtag.data.samplers import CropSampler
 from freqtag.data.jamendo import TAGS_FILE
 from freqtag.data.store import FeatureStore
 from freqtag.data.synthetic import SPLIT_FRACTIONS, synthesize

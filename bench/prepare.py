@@ -247,7 +247,7 @@ def profile(features: str, files: list[Path]) -> dict:
     from freqtag.audio import decode as audio
     from freqtag.audio.logmel import LogMel
     from freqtag.features import FeatureSpec
-    from freqtag.prepare.command import _checked
+    from freqtag.prepare.pool import _checked
 
     torch.set_num_threads(1)
     spec = FeatureSpec.load(features)

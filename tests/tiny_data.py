@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, open_dict
 
 from freqtag.data import jamendo
-from freqtag.data.store import StoreWriter
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 
 REPO = Path(__file__).resolve().parents[1]

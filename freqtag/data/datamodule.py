@@ -1,31 +1,33 @@
-"""Datasets and the LightningDataModule: random crops for training, whole tracks for evaluation.
+"""The LightningDataModule: the store, split TSVs and tags checked once, then the loaders and batch hooks.
 
-Every random choice of the input pipeline (which crop, in which order) is
-made by the samplers from ``(seed, epoch)``, never inside a worker, so a run
-gives the same batches with 0 or N workers, after a resume, and under DDP.
-Workers only read bytes: a crop is one contiguous read from the store.
+Every random choice of the input pipeline is made by the samplers
+(:mod:`freqtag.data.samplers`) from ``(seed, epoch)``, never inside a worker,
+so a run gives the same batches with 0 or N workers, after a resume, and
+under DDP. Workers only read bytes: a crop is one contiguous read from the store.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from freqtag.data.datasets import CropDataset, TrackDataset
 from freqtag.data.jamendo import SPLITS, TASKS, Split, read_split, split_file, task_tags
+from freqtag.data.normalise import normalised
+from freqtag.data.ring import PREFETCH, CropRing
+from freqtag.data.samplers import CropSampler, TrackSampler
 from freqtag.data.store import FeatureStore, StoreError
 from freqtag.features import FeatureSpec
 from freqtag.system.memory import check_fits, gib, out_of_memory
 
-__all__ = ["CropSampler", "CropDataset", "CropRing", "RingOverwrite", "TrackDataset", "TrackSampler", "JamendoDataModule", "DataError"]
+__all__ = ["JamendoDataModule", "DataError"]
 
 
 class DataError(RuntimeError):
@@ -35,254 +37,7 @@ class DataError(RuntimeError):
 IN_MEMORY_FIX = ("set data.in_memory=false (loader workers read crops from the store on disk), or run fewer "
                  "ranks or grid jobs per device")
 
-
-def _seed_for(*parts: int) -> np.random.Generator:
-    return np.random.default_rng([int(p) for p in parts])
-
-
-class CropSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of (item, start frame): one uniformly random crop per track per epoch.
-
-    ``batch_size`` is the global batch; under DDP each of ``world_size`` ranks
-    takes its share of every global batch, so the set of crops in an epoch
-    does not depend on the number of ranks.
-    """
-
-    def __init__(
-        self,
-        lengths: np.ndarray,
-        input_length: int,
-        batch_size: int,
-        seed: int,
-        shuffle: bool = True,
-        centre: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.input_length = input_length
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.centre = centre
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def crops(self) -> tuple[np.ndarray, np.ndarray]:
-        """(items in epoch order, start frames) for the current epoch."""
-        n = len(self.lengths)
-        rng = _seed_for(self.seed, self.epoch, 1)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        room = np.maximum(self.lengths - self.input_length, 0)
-        if self.centre:
-            starts = room // 2
-        else:
-            starts = np.floor(rng.random(n) * (room + 1)).astype(np.int64)
-        return order, starts[order]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order, starts = self.crops()
-        for b in range(0, len(self), 1):
-            items = order[b * self.batch_size : (b + 1) * self.batch_size]
-            first = starts[b * self.batch_size : (b + 1) * self.batch_size]
-            share = slice(self.rank, None, self.world_size)
-            yield list(zip(items[share].tolist(), first[share].tolist()))
-
-    def __len__(self) -> int:
-        """Batches per epoch; a last batch too small to give every rank a crop is left out."""
-        n = len(self.lengths)
-        full, rest = divmod(n, self.batch_size)
-        return full + (rest >= self.world_size)
-
-
-def normalised(x16: torch.Tensor, valid: torch.Tensor | np.ndarray | None, mean: float, std: float) -> torch.Tensor:
-    """(B, bands, L) float16 crops -> (B, bands, L) float32 ``(x - mean) / std``, frames past ``valid`` set to 0.
-
-    The input is already band-major: the transposition is done where it is
-    cheap (in the loader's workers, or once when the in-memory frames are
-    loaded), so this is one converting copy and two in-place passes. Frames
-    past ``valid`` are zeroed by one mask over the batch, built on the crops'
-    device: no host decision per crop, so no copy of ``valid`` to the host
-    (a sync per step on a GPU) and one kernel whatever the number of short crops.
-    """
-    out = torch.empty(x16.shape, dtype=torch.float32, device=x16.device)
-    out.copy_(x16)
-    out.sub_(mean).div_(std)
-    if valid is not None:
-        if isinstance(valid, np.ndarray):
-            valid = torch.as_tensor(valid, device=x16.device)
-        past = torch.arange(x16.shape[-1], device=x16.device) >= valid[:, None]
-        out.masked_fill_(past[:, None, :], 0.0)
-    return out
-
-
-_RINGS: "weakref.WeakValueDictionary[int, CropRing]" = weakref.WeakValueDictionary()
-_RING_IDS = itertools.count(1)
-PREFETCH = 2  # batches each worker process makes ahead (the DataLoader's prefetch_factor)
 PINNED_DEVICE_TYPES = ("cuda",)  # batches go to these devices from pinned host memory
-RING_HOLD = 3  # batches a consumer may hold, beyond the DataLoader's prefetch, before a slot is reused
-
-
-class RingOverwrite(RuntimeError):
-    """A crop batch's slot was written again before the batch was used (the consumer held too many)."""
-
-
-class CropRing:
-    """Shared-memory slots that DataLoader workers write crop batches into; a batch carries only its slot.
-
-    A tensor sent back from a worker costs a new shared-memory segment and a
-    file descriptor handed over a socket, per tensor and per batch: measured,
-    that caps the DataLoader at about 750 batches/s with nothing in them, and
-    at 9k crops/s with the crops. Slots made once, before the workers start,
-    cost nothing per batch. Each worker cycles through its own
-    ``PREFETCH + RING_HOLD`` slots, and a slot's sequence number (0 while it
-    is being written) shows whether it still holds the batch a reader asks for.
-    """
-
-    per_worker = PREFETCH + RING_HOLD
-
-    def __init__(self, workers: int, batch: int, bands: int, length: int) -> None:
-        self.id = next(_RING_IDS)
-        self.x = torch.zeros((workers * self.per_worker, batch, bands, length), dtype=torch.float16).share_memory_()
-        self.seq = torch.zeros(workers * self.per_worker, dtype=torch.int64).share_memory_()
-        self._written = 0  # batches this worker process wrote
-        _RINGS[self.id] = self
-
-    def claim(self) -> tuple[int, int]:
-        """(slot, token) for the next batch of this worker; marks the slot as being written."""
-        info = get_worker_info()
-        assert info is not None, "CropRing slots are written by DataLoader workers"
-        self._written += 1
-        slot = info.id * self.per_worker + self._written % self.per_worker
-        self.seq[slot] = 0
-        return slot, self._written * info.num_workers + info.id + 1
-
-    def publish(self, slot: int, token: int) -> None:
-        self.seq[slot] = token
-
-    def check(self, slot: int, token: int) -> None:
-        if int(self.seq.numpy()[slot]) != token:  # host shared memory, read through numpy: no tensor call
-            raise RingOverwrite(
-                f"a crop batch was overwritten in its shared-memory slot before it was used: whatever iterates "
-                f"the loader held more than {RING_HOLD} batches without passing them through the DataModule's "
-                f"hooks (Lightning's on_before_batch_transfer .. on_after_batch_transfer, or dm.on_device); use "
-                f"each batch before taking the next, or set data.num_workers=0"
-            )
-
-    @staticmethod
-    def read(batch: dict[str, Any], use: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``use`` applied to the batch's crops in their slot, checked to be still the batch's own after."""
-        ring = _RINGS.get(int(batch.pop("ring")))
-        if ring is None:
-            raise RingOverwrite("this crop batch's DataLoader is gone, and with it the shared memory that held its "
-                                "crops: keep the loader while its batches are in use")
-        slot, token = int(batch.pop("slot")), int(batch.pop("token"))
-        ring.check(slot, token)
-        out = use(ring.x[slot, : len(batch["valid"])])
-        ring.check(slot, token)
-        return out
-
-
-class CropDataset(Dataset):
-    """Crops of ``input_length`` frames; an item is a whole batch of (track number, start) pairs.
-
-    Each crop is one contiguous read from the store, transposed to
-    (bands, L) float16 (half the bytes of float32, to the GPU too);
-    ``on_after_batch_transfer`` normalises it on the batch's device. In
-    worker processes the crops go into the loader's shared ``ring`` and the
-    batch carries only small numpy arrays (cheap to send) and the slot. In
-    the in-memory mode the DataModule gathers the crops itself.
-    """
-
-    def __init__(
-        self,
-        store: FeatureStore,
-        rows: np.ndarray,
-        labels: np.ndarray,
-        input_length: int,
-        in_memory: bool = False,
-    ) -> None:
-        self.store = store
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.labels = np.ascontiguousarray(labels)
-        self.input_length = input_length
-        self.in_memory = in_memory
-        self.ring: CropRing | None = None  # set by the DataModule for worker processes
-        self._buffer: np.ndarray | None = None  # this process's (B, L, bands) read buffer
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def lengths(self) -> np.ndarray:
-        return self.store.lengths[self.rows]
-
-    def __getitem__(self, batch: Sequence[tuple[int, int]]) -> dict[str, Any]:
-        pairs = np.array(batch, dtype=np.int64).reshape(-1, 2)
-        items, starts = pairs[:, 0], pairs[:, 1]
-        rows = self.rows[items]
-        L = self.input_length
-        valid = np.minimum(self.store.lengths[rows] - starts, L)
-        out: dict[str, Any] = {"item": items, "row": rows, "start": starts, "valid": valid, "y": self.labels[items]}
-        if self.in_memory:
-            return out
-        # time-major frames: one contiguous read per crop into this process's buffer, then one transposing
-        # copy; frames past ``valid`` are left as they are (the normalisation sets them to 0)
-        if self._buffer is None or len(self._buffer) < len(items):
-            self._buffer = np.empty((len(items), L, self.store.n_bands), dtype=np.float16)
-        x = self._buffer[: len(items)]
-        frames, offsets = self.store.frames, self.store.offsets
-        for k in range(len(items)):
-            o, v = int(offsets[rows[k]] + starts[k]), int(valid[k])
-            x[k, :v] = frames[o : o + v]
-        crops = torch.from_numpy(x).transpose(1, 2)
-        ring = self.ring if get_worker_info() is not None else None
-        if ring is None:
-            out["x16"] = crops.contiguous()
-            return out
-        slot, token = ring.claim()
-        ring.x[slot, : len(items)].copy_(crops)
-        ring.publish(slot, token)
-        out.update(ring=ring.id, slot=slot, token=token)
-        return out
-
-
-class TrackSampler(Sampler[list[int]]):
-    """One whole track per batch, this rank's share only, never padded with repeats.
-
-    A DistributedSampler would repeat tracks to even out the ranks; a repeated
-    track would be scored twice, so each rank takes items rank, rank+W, ...
-    """
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
-        self.items = list(range(rank, n, world_size))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter([i] for i in self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-class TrackDataset(Dataset):
-    """Whole tracks, one per batch: any length scores the same as on its own."""
-
-    def __init__(self, store: FeatureStore, rows: np.ndarray, labels: np.ndarray) -> None:
-        self.store = store
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.labels = torch.from_numpy(np.ascontiguousarray(labels))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
-        (i,) = batch
-        row = int(self.rows[i])
-        x = torch.from_numpy(self.store.crop(row, 0, int(self.store.lengths[row]))).t()[None]
-        return {"item": torch.tensor([i]), "x": normalised(x, None, self.store.mean, self.store.std), "y": self.labels[[i]]}
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from freqtag.data.jamendo import MOODTHEME_TAGS, SPLITS, TAGS_FILE, split_file, write_split
-from freqtag.data.store import StoreWriter
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 
 __all__ = ["synthesize", "tag_layout", "is_synthetic", "N_MOTIFS", "N_REGIONS", "DEMO_TRACKS", "MANIFEST"]

@@ -31,7 +31,8 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from freqtag import __version__
-from freqtag.data.datamodule import DataError, JamendoDataModule, normalised
+from freqtag.data.datamodule import DataError, JamendoDataModule
+from freqtag.data.normalise import normalised
 from freqtag.data.jamendo import JamendoFormatError
 from freqtag.data.store import FeatureStore, StoreError
 from freqtag.features import FeatureSpec
@@ -241,7 +242,7 @@ def check_async_checkpoint(value: Any) -> bool:
 
 
 class TrackBatchSampler(Sampler[list[int]]):
-    """This rank's tracks (items rank, rank+W, ..., as :class:`~freqtag.data.datamodule.TrackSampler`) in batches of
+    """This rank's tracks (items rank, rank+W, ..., as :class:`~freqtag.data.samplers.TrackSampler`) in batches of
     similar length, longest first. A batch is closed when one more track would take it past ``batch_frames``
     frames padded to its longest (a longer track goes alone), or when the next track is shorter than
     ``MIN_FILL`` of its longest, so padding is at most a quarter of any pass (on a real split sorted

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from freqtag.data.datamodule import CropSampler, DataError, JamendoDataModule, RingOverwrite
+from freqtag.data.datamodule import DataError, JamendoDataModule
+from freqtag.data.ring import RingOverwrite
+from freqtag.data.samplers import CropSampler
 from freqtag.data.jamendo import MOODTHEME_TAGS, TAGS_FILE, split_file, write_split
-from freqtag.data.store import StoreWriter
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 
 SPEC = FeatureSpec.load("mel96")

@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from freqtag.data.store import DTYPE, FeatureStore, StoreError, StoreWriter, store_summary
+from freqtag.data.store import DTYPE, FeatureStore, StoreError, store_summary
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 
 SPEC = FeatureSpec.load("mel96")

@@ -22,7 +22,7 @@ from tiny_data import config, make_tiny
 from freqtag.audio.decode import features_from_file
 from freqtag.data.store import FeatureStore
 from freqtag.features import FeatureSpec
-from freqtag.prepare.command import read_report, report_path
+from freqtag.prepare.report import read_report, report_path
 from freqtag.train.driver import run
 
 FREQTAG = str(Path(sys.executable).parent / "freqtag")

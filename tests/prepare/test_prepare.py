@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from freqtag.data.store import FeatureStore
-from freqtag.prepare.command import PrepareError, npy_jobs, prepare_npy, read_report, read_split_dir, report_path
+from freqtag.prepare.command import PrepareError, prepare_npy
+from freqtag.prepare.jobs import npy_jobs, read_split_dir
+from freqtag.prepare.report import read_report, report_path
 
 BIN = Path(sys.executable).parent
 FREQTAG = str(BIN / "freqtag")
@@ -175,7 +177,8 @@ def test_two_workers_give_the_same_store(tree: Tree, reference, tmp_path: Path) 
 SLOW_RUN = textwrap.dedent(
     """
     import functools, sys, time
-    from freqtag.prepare import command as prepare
+    from freqtag.prepare import jobs as prepare
+    from freqtag.prepare.assemble import build_store
     from freqtag.features import FeatureSpec
 
     def slow_load(job, n_mels):
@@ -184,7 +187,7 @@ SLOW_RUN = textwrap.dedent(
 
     npy, splits_dir, tags, out = sys.argv[1:]
     splits = prepare.read_split_dir(splits_dir, tags)
-    prepare.build_store(
+    build_store(
         prepare.npy_jobs(npy, splits), functools.partial(slow_load, n_mels=96), out,
         FeatureSpec.load("mel96"), splits["train"].track_ids, batch_size=2, progress=False,
     )
