@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from freqtag.data.datasets import CropDataset, TrackDataset
 from freqtag.data.jamendo import SPLITS, TASKS, Split, read_split, split_file, task_tags
-from freqtag.data.normalise import normalised
+from freqtag.data.normalise import normalise
 from freqtag.data.ring import PREFETCH, CropRing
 from freqtag.data.samplers import CropSampler, TrackSampler
 from freqtag.data.store import FeatureStore, StoreError
@@ -327,10 +327,10 @@ class JamendoDataModule(pl.LightningDataModule):
             return batch
         valid = batch["valid"]  # on the crops' device: the short crops are zeroed there (no copy to the host)
         if "slot" in batch:  # on the CPU: normalise straight out of the shared slot
-            batch["x"] = CropRing.read(batch, lambda x: normalised(x, valid, self.mean, self.std))
+            batch["x"] = CropRing.read(batch, lambda x: normalise(x, self.mean, self.std, valid))
         else:
             x16 = batch.pop("x16") if "x16" in batch else self.gather(batch["row"], batch["start"])
-            batch["x"] = normalised(x16, valid, self.mean, self.std)
+            batch["x"] = normalise(x16, self.mean, self.std, valid)
         return batch
 
     def gather(self, rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:

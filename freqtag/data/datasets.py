@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from freqtag.data.normalise import normalised
+from freqtag.data.normalise import normalise
 from freqtag.data.ring import CropRing
 from freqtag.data.store import FeatureStore
 
@@ -97,4 +97,4 @@ class TrackDataset(Dataset):
         (i,) = batch
         row = int(self.rows[i])
         x = torch.from_numpy(self.store.crop(row, 0, int(self.store.lengths[row]))).t()[None]
-        return {"item": torch.tensor([i]), "x": normalised(x, None, self.store.mean, self.store.std), "y": self.labels[[i]]}
+        return {"item": torch.tensor([i]), "x": normalise(x, self.store.mean, self.store.std), "y": self.labels[[i]]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -17,6 +17,13 @@ from freqtag.prepare.report import PrepareReport, read_report, report_path, writ
 from freqtag.system.faults import fault_point
 
 __all__ = ["build_store"]
+
+
+def _outcome(out: Path, jobs: Sequence[Job], skipped: list[tuple[str, str, str]], started: float, **more: Any
+             ) -> PrepareReport:  # fmt: skip
+    """The run's report: each requested track is in the store or in ``skipped``."""
+    return PrepareReport(out=out, total=len(jobs), written=len(jobs) - len(skipped), skipped=skipped,
+                         seconds=time.monotonic() - started, **more)
 
 
 def _existing_store(out: Path, spec: FeatureSpec, jobs: Sequence[Job], started: float) -> PrepareReport:
@@ -42,14 +49,7 @@ def _existing_store(out: Path, spec: FeatureSpec, jobs: Sequence[Job], started: 
     ]
     if any(j.track_id not in reasons for j in absent):
         write_report(report, skipped)  # the store stays untouched; only the list of what it lacks
-    return PrepareReport(
-        out=out,
-        total=len(jobs),
-        written=len(jobs) - len(absent),
-        skipped=skipped,
-        seconds=time.monotonic() - started,
-        already_complete=True,
-    )
+    return _outcome(out, jobs, skipped, started, already_complete=True)
 
 
 def build_store(
@@ -114,11 +114,4 @@ def build_store(
         raise PrepareError(f"none of the {len(jobs)} tracks could be read; {report} lists why")
     with status(progress, f"assembling {out} from {len(jobs) - len(skipped)} tracks"):
         writer.finish(stats_ids, stats_split)
-    return PrepareReport(
-        out=out,
-        total=len(jobs),
-        written=len(jobs) - len(skipped),
-        skipped=skipped,
-        seconds=time.monotonic() - started,
-        resumed=resumed,
-    )
+    return _outcome(out, jobs, skipped, started, resumed=resumed)

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Sampler
 
 from freqtag import __version__
 from freqtag.data.datamodule import DataError, JamendoDataModule
-from freqtag.data.normalise import normalised
+from freqtag.data.normalise import normalise
 from freqtag.data.jamendo import JamendoFormatError
 from freqtag.data.store import FeatureStore, StoreError
 from freqtag.features import FeatureSpec
@@ -287,7 +287,7 @@ class TrackBatchDataset(Dataset):
         x16 = torch.zeros((len(batch), self.store.n_bands, int(frames.max())), dtype=torch.float16)
         for k, i in enumerate(batch):
             x16[k, :, : frames[k]] = torch.from_numpy(self.store.crop(int(self.rows[i]), 0, int(frames[k]))).t()
-        x = normalised(x16, frames, self.store.mean, self.store.std)  # the per-track arithmetic; zero past each end
+        x = normalise(x16, self.store.mean, self.store.std, frames)  # the per-track arithmetic; zero past each end
         return {"item": torch.tensor(list(batch)), "x": x, "frames": torch.from_numpy(frames)}
 
 
