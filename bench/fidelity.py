@@ -211,10 +211,10 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     alpha = float(cfg.mixup_alpha)
     L, B = dm.input_length, dm.batch_size
     train = dm.splits["train"]
-    lengths = dm.store.lengths[train.rows]
+    lengths = dm.reader.lengths[train.rows]
     labels = torch.from_numpy(np.ascontiguousarray(train.split.labels))
-    frames = dm.store.frames  # time-major float16 memmap
-    offsets = dm.store.offsets
+    frames = dm.reader.frames  # time-major float16 memmap
+    offsets = dm.reader.offsets
     mean, std = dm.mean, dm.std
     swa_ours = SWA(0.2)
     first_swa = swa_ours.first_epoch(epochs)
@@ -239,7 +239,7 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     def crops_x(items: np.ndarray, starts: np.ndarray) -> torch.Tensor:
         rows = train.rows[items]
         if o.gather == "ours":
-            valid = np.minimum(dm.store.lengths[rows] - starts, L)
+            valid = np.minimum(dm.reader.lengths[rows] - starts, L)
             return normalise(dm.gather(torch.from_numpy(rows), torch.from_numpy(starts)), mean, std, valid)
         x = np.stack([frames[offsets[r] + s: offsets[r] + s + L] for r, s in zip(rows, starts)])  # (B, L, bands)
         x = (x.astype(np.float32) - np.float32(mean)) / np.float32(std)

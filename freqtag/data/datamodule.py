@@ -99,7 +99,7 @@ class JamendoDataModule(pl.LightningDataModule):
         self.check_finite = bool(check_finite)
         self.synthetic = dict(synthetic) if synthetic else None
         self.multiprocessing_context = multiprocessing_context
-        self.store: FeatureStore | None = None
+        self.reader: FeatureStore | None = None  # the store at store_path (data.store), open once checked
         self.splits: dict[str, SplitData] = {}
         self.tags: list[str] = []
         self._frames: torch.Tensor | None = None
@@ -116,7 +116,7 @@ class JamendoDataModule(pl.LightningDataModule):
 
     def check(self) -> None:
         """Open and cross-check store, TSVs and tags; every problem stops here, before training."""
-        if self.store is not None:
+        if self.reader is not None:
             return
         if not self.store_path.exists() and self.synthetic is None:
             raise DataError(
@@ -129,19 +129,19 @@ class JamendoDataModule(pl.LightningDataModule):
             )
         self.prepare_data()
         try:
-            store = FeatureStore(self.store_path)
+            reader = FeatureStore(self.store_path)
         except StoreError as e:
             raise DataError(str(e)) from e
-        if store.spec != self.spec:
-            if store.spec.name == self.spec.name:  # same name, another recipe: an older freqtag's store
+        if reader.spec != self.spec:
+            if reader.spec.name == self.spec.name:  # same name, another recipe: an older freqtag's store
                 raise DataError(
                     f"{self.store_path} was made with another '{self.spec.name}' recipe than this freqtag's "
-                    f"({'; '.join(store.spec.differences(self.spec))}): rebuild it with `freqtag prepare` "
+                    f"({'; '.join(reader.spec.differences(self.spec))}): rebuild it with `freqtag prepare` "
                     f"(a synthetic store: delete its folder)"
                 )
             raise DataError(
-                f"{self.store_path} holds '{store.spec.name}' features but the run asks for features="
-                f"{self.spec.name} with a different recipe: choose features={store.spec.name} or point "
+                f"{self.store_path} holds '{reader.spec.name}' features but the run asks for features="
+                f"{self.spec.name} with a different recipe: choose features={reader.spec.name} or point "
                 f"data.store at a {self.spec.name} store"
             )
         self.tags, self.tags_source = task_tags(self.splits_dir, self.task, self.tags_file)
@@ -149,7 +149,7 @@ class JamendoDataModule(pl.LightningDataModule):
             split = read_split(split_file(self.splits_dir, name, self.task), self.tags, name=name)
             if len(split) == 0:
                 raise DataError(f"{split.path}: the {name} split is empty")
-            missing = store.missing(split.track_ids)
+            missing = reader.missing(split.track_ids)
             if missing:
                 shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
                 if self.missing_tracks == "stop":
@@ -158,22 +158,22 @@ class JamendoDataModule(pl.LightningDataModule):
                         f"({shown}); re-run `freqtag prepare` for them, or set data.missing_tracks=skip to "
                         f"leave them out"
                     )
-                keep = [i for i, t in enumerate(split.track_ids) if t in store]
+                keep = [i for i, t in enumerate(split.track_ids) if t in reader]
                 split = _subset(split, keep)
                 if len(split) == 0:
                     raise DataError(f"{split.path}: none of its {len(missing)} tracks is in {self.store_path}; "
                                     f"re-run `freqtag prepare` for them, or point data.store at their store")
-            rows = np.array([store.row[t] for t in split.track_ids], dtype=np.int64)
+            rows = np.array([reader.row[t] for t in split.track_ids], dtype=np.int64)
             self.splits[name] = SplitData(split, rows)
         if self.check_finite:  # one read of the store: NaN/inf would only show up as a NaN loss, hours later
-            bad = store.nonfinite_tracks(np.concatenate([d.rows for d in self.splits.values()]))
+            bad = reader.nonfinite_tracks(np.concatenate([d.rows for d in self.splits.values()]))
             if bad:
                 shown = ", ".join(f"{t} ({n} values)" for t, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
                 raise DataError(
                     f"{self.store_path}: {len(bad)} tracks hold NaN/inf features ({shown}); rebuild the store with "
                     f"`freqtag prepare` (which skips such files), or set data.check_finite=false to train anyway"
                 )
-        self.store = store
+        self.reader = reader
 
     def setup(self, stage: str | None = None) -> None:
         self.check()
@@ -195,8 +195,8 @@ class JamendoDataModule(pl.LightningDataModule):
     def in_memory_bytes(self) -> int:
         """What ``in_memory=true`` puts on the training device: the store band-major, plus one crop of padding."""
         self.check()
-        assert self.store is not None
-        return self.store.band_major_bytes(pad=self.input_length)
+        assert self.reader is not None
+        return self.reader.band_major_bytes(pad=self.input_length)
 
     def check_fits(self, device: torch.device, copies: int = 1) -> None:
         """With ``in_memory``, stop before training if the store (once per rank sharing ``device``) does not fit.
@@ -215,13 +215,13 @@ class JamendoDataModule(pl.LightningDataModule):
 
     @property
     def mean(self) -> float:
-        assert self.store is not None
-        return self.store.mean
+        assert self.reader is not None
+        return self.reader.mean
 
     @property
     def std(self) -> float:
-        assert self.store is not None
-        return self.store.std
+        assert self.reader is not None
+        return self.reader.std
 
     def positive_rates(self) -> np.ndarray:
         """p_i of the train split TSV (never read from a stored file)."""
@@ -260,9 +260,9 @@ class JamendoDataModule(pl.LightningDataModule):
 
     def crop_dataset(self, split: str) -> CropDataset:
         self.check()
-        assert self.store is not None
+        assert self.reader is not None
         d = self.splits[split]
-        return CropDataset(self.store, d.rows, d.split.labels, self.input_length, in_memory=self.in_memory)
+        return CropDataset(self.reader, d.rows, d.split.labels, self.input_length, in_memory=self.in_memory)
 
     def crop_loader(
         self, split: str, shuffle: bool, centre: bool = False, epoch: int | None = None, all_ranks: bool = False
@@ -291,10 +291,10 @@ class JamendoDataModule(pl.LightningDataModule):
     def track_loader(self, split: str) -> DataLoader:
         """Whole tracks of a split, this rank's share, for the final evaluation."""
         self.check()
-        assert self.store is not None
+        assert self.reader is not None
         d = self.splits[split]
         rank, world = self._rank()
-        return self._loader(TrackDataset(self.store, d.rows, d.split.labels), TrackSampler(len(d.rows), rank, world))
+        return self._loader(TrackDataset(self.reader, d.rows, d.split.labels), TrackSampler(len(d.rows), rank, world))
 
     # -- on the device ------------------------------------------------------
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
@@ -342,14 +342,14 @@ class JamendoDataModule(pl.LightningDataModule):
         transposed. The L extra zero frames keep the last window in bounds;
         frames read past a track's end are zeroed by the normalisation.
         """
-        assert self.store is not None
+        assert self.reader is not None
         device = rows.device
         if self._frames is None or self._frames.device != device:
             self._frames = None  # a copy on another device goes before the new one is made
             with out_of_memory(f"data.in_memory=true: the store {self.store_path} "
                                f"({gib(self.in_memory_bytes())}) on {device}", IN_MEMORY_FIX):
-                self._frames = self.store.load_band_major(pad=self.input_length, device=device)
-            self._offsets = torch.from_numpy(self.store.offsets).to(device)
+                self._frames = self.reader.load_band_major(pad=self.input_length, device=device)
+            self._offsets = torch.from_numpy(self.reader.offsets).to(device)
         frames = self._frames
         n = frames.shape[1] - self.input_length
         windows = frames.as_strided((n, frames.shape[0], self.input_length), (1, frames.shape[1], 1))

@@ -32,13 +32,13 @@ class CropDataset(Dataset):
 
     def __init__(
         self,
-        store: FeatureStore,
+        reader: FeatureStore,
         rows: np.ndarray,
         labels: np.ndarray,
         input_length: int,
         in_memory: bool = False,
     ) -> None:
-        self.store = store
+        self.reader = reader
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = np.ascontiguousarray(labels)
         self.input_length = input_length
@@ -50,23 +50,23 @@ class CropDataset(Dataset):
         return len(self.rows)
 
     def lengths(self) -> np.ndarray:
-        return self.store.lengths[self.rows]
+        return self.reader.lengths[self.rows]
 
     def __getitem__(self, batch: Sequence[tuple[int, int]]) -> dict[str, Any]:
         pairs = np.array(batch, dtype=np.int64).reshape(-1, 2)
         items, starts = pairs[:, 0], pairs[:, 1]
         rows = self.rows[items]
         L = self.input_length
-        valid = np.minimum(self.store.lengths[rows] - starts, L)
+        valid = np.minimum(self.reader.lengths[rows] - starts, L)
         out: dict[str, Any] = {"item": items, "row": rows, "start": starts, "valid": valid, "y": self.labels[items]}
         if self.in_memory:
             return out
         # time-major frames: one contiguous read per crop into this process's buffer, then one transposing
         # copy; frames past ``valid`` are left as they are (the normalisation sets them to 0)
         if self._buffer is None or len(self._buffer) < len(items):
-            self._buffer = np.empty((len(items), L, self.store.n_bands), dtype=np.float16)
+            self._buffer = np.empty((len(items), L, self.reader.n_mels), dtype=np.float16)
         x = self._buffer[: len(items)]
-        frames, offsets = self.store.frames, self.store.offsets
+        frames, offsets = self.reader.frames, self.reader.offsets
         for k in range(len(items)):
             o, v = int(offsets[rows[k]] + starts[k]), int(valid[k])
             x[k, :v] = frames[o : o + v]
@@ -85,8 +85,8 @@ class CropDataset(Dataset):
 class TrackDataset(Dataset):
     """Whole tracks, one per batch: any length scores the same as on its own."""
 
-    def __init__(self, store: FeatureStore, rows: np.ndarray, labels: np.ndarray) -> None:
-        self.store = store
+    def __init__(self, reader: FeatureStore, rows: np.ndarray, labels: np.ndarray) -> None:
+        self.reader = reader
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = torch.from_numpy(np.ascontiguousarray(labels))
 
@@ -96,5 +96,5 @@ class TrackDataset(Dataset):
     def __getitem__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
         (i,) = batch
         row = int(self.rows[i])
-        x = torch.from_numpy(self.store.crop(row, 0, int(self.store.lengths[row]))).t()[None]
-        return {"item": torch.tensor([i]), "x": normalise(x, self.store.mean, self.store.std), "y": self.labels[[i]]}
+        x = torch.from_numpy(self.reader.crop(row, 0, int(self.reader.lengths[row]))).t()[None]
+        return {"item": torch.tensor([i]), "x": normalise(x, self.reader.mean, self.reader.std), "y": self.labels[[i]]}

@@ -2,7 +2,7 @@
 
 Layout (format version 1)::
 
-    /features        float16 (total_frames, n_bands), contiguous, uncompressed
+    /features        float16 (total_frames, n_mels), contiguous, uncompressed
     /tracks/id       utf-8 strings (N,)
     /tracks/offset   int64 (N,)   first frame of each track in /features
     /tracks/length   int64 (N,)   frames of each track
@@ -79,14 +79,14 @@ class FeatureStore:
                 self.offsets: np.ndarray = f["tracks/offset"][()].astype(np.int64)
                 self.lengths: np.ndarray = f["tracks/length"][()].astype(np.int64)
                 ds = f["features"]
-                self.n_frames, self.n_bands = (int(n) for n in ds.shape)
+                self.n_frames, self.n_mels = (int(n) for n in ds.shape)
                 self._byte_offset = ds.id.get_offset()
                 if ds.dtype != DTYPE or self._byte_offset is None or ds.chunks is not None:
                     raise StoreError(f"{self.path}: /features is not a contiguous float16 dataset; rebuild it")
         except (OSError, KeyError) as e:
             raise StoreError(f"{self.path} is not a readable freqtag store ({e}); rebuild it") from e
-        if self.n_bands != self.spec.n_mels:
-            raise StoreError(f"{self.path}: {self.n_bands} bands stored but the spec says {self.spec.n_mels}")
+        if self.n_mels != self.spec.n_mels:
+            raise StoreError(f"{self.path}: {self.n_mels} bands stored but the spec says {self.spec.n_mels}")
         self._check_index()
         self.row = {t: i for i, t in enumerate(self.track_ids)}
         self._map: np.ndarray | None = None
@@ -126,7 +126,7 @@ class FeatureStore:
                 f"{self.path}: the track index and the data disagree (the index covers {total:,} frames, "
                 f"/features holds {self.n_frames:,}); {fix}"
             )
-        need = int(self._byte_offset) + self.n_frames * self.n_bands * np.dtype(DTYPE).itemsize
+        need = int(self._byte_offset) + self.n_frames * self.n_mels * np.dtype(DTYPE).itemsize
         size = self.path.stat().st_size
         if size < need:
             raise StoreError(f"{self.path} is cut short ({size:,} bytes, its frames need {need:,}); {fix}")
@@ -172,10 +172,10 @@ class FeatureStore:
 
     @property
     def frames(self) -> np.ndarray:
-        """(total_frames, n_bands) float16 memory map, opened once per process."""
+        """(total_frames, n_mels) float16 memory map, opened once per process."""
         if self._map is None or self._pid != os.getpid():
             self._map = np.memmap(
-                self.path, dtype=DTYPE, mode="r", offset=self._byte_offset, shape=(self.n_frames, self.n_bands)
+                self.path, dtype=DTYPE, mode="r", offset=self._byte_offset, shape=(self.n_frames, self.n_mels)
             )
             self._pid = os.getpid()
         return self._map
@@ -188,7 +188,7 @@ class FeatureStore:
         return int(self.lengths[self.row[track_id]])
 
     def track(self, track_id: str) -> np.ndarray:
-        """All frames of a track, (frames, n_bands) float16 (a copy)."""
+        """All frames of a track, (frames, n_mels) float16 (a copy)."""
         i = self.row[track_id]
         o = int(self.offsets[i])
         return np.array(self.frames[o : o + int(self.lengths[i])])
@@ -200,10 +200,10 @@ class FeatureStore:
 
     def band_major_bytes(self, pad: int = 0) -> int:
         """Bytes :meth:`load_band_major` allocates on its device."""
-        return self.n_bands * (self.n_frames + pad) * np.dtype(DTYPE).itemsize
+        return self.n_mels * (self.n_frames + pad) * np.dtype(DTYPE).itemsize
 
     def load_band_major(self, pad: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Every frame on ``device``, band-major: (n_bands, total_frames + pad) float16, the ``pad`` extra frames 0.
+        """Every frame on ``device``, band-major: (n_mels, total_frames + pad) float16, the ``pad`` extra frames 0.
 
         The device tensor is allocated once and filled block by block from the
         map through one reusable host buffer (pinned for a GPU), so host memory
@@ -211,9 +211,9 @@ class FeatureStore:
         MTG-Jamendo would otherwise pass through RAM once per rank).
         """
         device = torch.device(device)
-        out = torch.empty((self.n_bands, self.n_frames + pad), dtype=torch.float16, device=device)
+        out = torch.empty((self.n_mels, self.n_frames + pad), dtype=torch.float16, device=device)
         out[:, self.n_frames :] = 0
-        block = torch.empty((self.n_bands, min(_LOAD_FRAMES, max(self.n_frames, 1))), dtype=torch.float16,
+        block = torch.empty((self.n_mels, min(_LOAD_FRAMES, max(self.n_frames, 1))), dtype=torch.float16,
                             pin_memory=device.type == "cuda")
         staging = block.numpy()
         for a in range(0, self.n_frames, _LOAD_FRAMES):

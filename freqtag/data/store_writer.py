@@ -109,7 +109,7 @@ class StoreWriter:
         return [t for t in self.order if t not in self._where]
 
     def add(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
-        """Keep a batch of finished tracks: (track_id, (frames, n_bands) array) each."""
+        """Keep a batch of finished tracks: (track_id, (frames, n_mels) array) each."""
         if not items:
             return
         arrays: dict[str, np.ndarray] = {}

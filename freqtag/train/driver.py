@@ -284,7 +284,7 @@ class TrackBatchDataset(Dataset):
 
     def __getitem__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
         frames = np.array([int(self.store.lengths[self.rows[i]]) for i in batch], dtype=np.int64)
-        x16 = torch.zeros((len(batch), self.store.n_bands, int(frames.max())), dtype=torch.float16)
+        x16 = torch.zeros((len(batch), self.store.n_mels, int(frames.max())), dtype=torch.float16)
         for k, i in enumerate(batch):
             x16[k, :, : frames[k]] = torch.from_numpy(self.store.crop(int(self.rows[i]), 0, int(frames[k]))).t()
         x = normalise(x16, self.store.mean, self.store.std, frames)  # the per-track arithmetic; zero past each end
@@ -317,11 +317,11 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
     batched = eval_batch_frames > 0 and masked_layers(net) is not None
     if batched:
         dm.check()
-        assert dm.store is not None
+        assert dm.reader is not None
         rows = dm.splits[split].rows
         rank, world = dm._rank()
-        loader = dm._loader(TrackBatchDataset(dm.store, rows),
-                            TrackBatchSampler(dm.store.lengths[rows], dm.input_length, eval_batch_frames, rank, world))
+        loader = dm._loader(TrackBatchDataset(dm.reader, rows),
+                            TrackBatchSampler(dm.reader.lengths[rows], dm.input_length, eval_batch_frames, rank, world))
     else:
         loader = dm.track_loader(split)
     batch: dict[str, Any] = {}

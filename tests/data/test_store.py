@@ -46,7 +46,7 @@ def store_path(tmp_path: Path, tracks) -> Path:
 def test_round_trip(store_path: Path, tracks) -> None:
     store = FeatureStore(store_path)
     assert store.track_ids == list(tracks)
-    assert store.spec == SPEC and store.n_bands == 96
+    assert store.spec == SPEC and store.n_mels == 96
     assert store.n_frames == sum(len(x) for x in tracks.values())
     assert store.frames.dtype == np.float16
     for i, (track_id, x) in enumerate(tracks.items()):
