@@ -265,9 +265,12 @@ class JamendoDataModule(pl.LightningDataModule):
         return CropDataset(self.reader, d.rows, d.split.labels, self.input_length, in_memory=self.in_memory)
 
     def crop_loader(
-        self, split: str, shuffle: bool, centre: bool = False, epoch: int | None = None, all_ranks: bool = False
+        self, split: str, shuffle: bool, centre: bool = False, epoch: int | None = None, all_ranks: bool = False,
+        min_last: int = 2,
     ) -> DataLoader:
         """Crops of a split, this rank's share of every global batch (``all_ranks``: the whole batches).
+
+        ``min_last``: as :class:`~freqtag.data.samplers.CropSampler` (2 for crops that meet BatchNorm in training mode).
 
         Its batches hold numpy arrays (and, from worker processes, a slot of
         shared memory instead of the crops): pass each through the batch
@@ -276,7 +279,7 @@ class JamendoDataModule(pl.LightningDataModule):
         ds = self.crop_dataset(split)
         rank, world = (0, 1) if all_ranks else self._rank()
         sampler = CropSampler(ds.lengths(), self.input_length, self.batch_size, self.seed + SPLITS.index(split),
-                              shuffle=shuffle, centre=centre, rank=rank, world_size=world)
+                              shuffle=shuffle, centre=centre, rank=rank, world_size=world, min_last=min_last)
         if epoch is not None:
             sampler.set_epoch(epoch)
         return self._loader(ds, sampler, ring_batch=math.ceil(self.batch_size / world))
@@ -286,7 +289,7 @@ class JamendoDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """The cheap per-epoch check: the centre crop of every validation track."""
-        return self.crop_loader("validation", shuffle=False, centre=True)
+        return self.crop_loader("validation", shuffle=False, centre=True, min_last=1)  # evaluation mode: any size
 
     def track_loader(self, split: str) -> DataLoader:
         """Whole tracks of a split, this rank's share, for the final evaluation."""

@@ -23,7 +23,10 @@ class CropSampler(Sampler[list[tuple[int, int]]]):
 
     ``batch_size`` is the global batch; under DDP each of ``world_size`` ranks
     takes its share of every global batch, so the set of crops in an epoch
-    does not depend on the number of ranks.
+    does not depend on the number of ranks. The last, partial batch is kept
+    only if every rank gets ``min_last`` crops of it: 2 for training, since
+    BatchNorm in training mode needs two values per channel (a rank's one
+    crop at input_length=32 gives one); 1 for evaluation.
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class CropSampler(Sampler[list[tuple[int, int]]]):
         centre: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        min_last: int = 2,
     ) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.input_length = input_length
@@ -45,6 +49,7 @@ class CropSampler(Sampler[list[tuple[int, int]]]):
         self.centre = centre
         self.rank = rank
         self.world_size = world_size
+        self.min_last = min_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -71,10 +76,9 @@ class CropSampler(Sampler[list[tuple[int, int]]]):
             yield list(zip(items[share].tolist(), first[share].tolist()))
 
     def __len__(self) -> int:
-        """Batches per epoch; a last batch too small to give every rank a crop is left out."""
-        n = len(self.lengths)
-        full, rest = divmod(n, self.batch_size)
-        return full + (rest >= self.world_size)
+        """Batches per epoch; a last batch too small to give every rank ``min_last`` crops is left out."""
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        return full + (rest // self.world_size >= self.min_last)  # the last rank's share is the smallest
 
 
 class TrackSampler(Sampler[list[int]]):
