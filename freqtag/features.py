@@ -36,7 +36,7 @@ DROPPED = ("center",)
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """How a log-mel spectrogram is computed (see REFERENCE.md, Features)."""
+    """How a log-mel spectrogram is computed: every parameter, so equal specs give equal features."""
 
     name: str
     sample_rate: int

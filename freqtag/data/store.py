@@ -9,8 +9,8 @@ Layout (format version 1)::
     attrs: format, version, spec (JSON FeatureSpec), mean, std, stats_split, stats_tracks
 
 Frames are stored time-major so that a crop of L frames is ONE contiguous
-byte range (DESIGN.md said bands x frames; time-major makes the read a single
-``memcpy`` instead of one strided read per band). Because the dataset is
+byte range (bands x frames would make it one strided read per band; time-major
+makes it a single ``memcpy``). Because the dataset is
 contiguous and uncompressed, readers memory-map it at its HDF5 offset, opened
 lazily in each process, so a store is safe to share across fork and spawn.
 

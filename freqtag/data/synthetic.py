@@ -41,7 +41,7 @@ VERSION = 2  # bump when the generated data changes (2: mel96's recipe gained re
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 TAGS_PER_TRACK = (0.4, 0.4, 0.2)  # P(1), P(2), P(3) tags: mean 1.8 like MTG
 MIN_FRAMES, MAX_FRAMES = 60, 2000  # log-uniform: ~22% of tracks are shorter than 128 frames
-# Real global statistics of each feature kind (REFERENCE.md): mean, std in dB.
+# The global statistics of each feature kind on MTG-Jamendo, mean and std in dB: the synthetic tracks sit there.
 LEVELS = {"mel96": (-24.4, 19.4), "mel128": (1.1, 20.2)}
 MOTIF_DB = (22.0, 30.0)  # peak height of a tag's motif (and of a distractor)
 NOISE_DB = 4.0  # per-bin noise std
