@@ -182,6 +182,7 @@ def task_tags(splits_dir: str | Path, task: str = "moodtheme", tags_file: str | 
     return read_tags(found), str(found)
 
 
+# over 60 lines: one reader of the split TSV format, each column's check beside it
 def read_split(path: str | Path, tags: list[str] | tuple[str, ...], name: str | None = None) -> Split:
     """Parse one split TSV; every problem names the file and line."""
     path = Path(path)

@@ -145,6 +145,7 @@ class StoreWriter:
         for track_id in arrays:
             self._where[track_id] = part
 
+    # over 60 lines: one transaction (space check, write, fsync, rename) whose clean-up sees every step
     def finish(self, stats_ids: Iterable[str], stats_split: str) -> Path:
         """Assemble the store from the kept tracks (those of ``track_ids`` that were added).
 

@@ -188,6 +188,7 @@ def is_synthetic(folder: str | Path) -> bool:
         return False
 
 
+# over 60 lines: the generation read top to bottom: its order is the data's (draws in sequence)
 def synthesize(out: str | Path, tracks: int = DEMO_TRACKS, seed: int = 0, features: str = "mel96") -> Path:
     """Write the synthetic dataset into folder ``out`` and return ``out``.
 

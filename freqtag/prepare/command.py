@@ -94,7 +94,7 @@ def prepare_npy(
     )
 
 
-def prepare_audio(
+def prepare_audio(  # over 60 lines: a long docstring and the argument checks; the wiring itself is short
     audio_dir: str | Path,
     out: str | Path,
     features: str,

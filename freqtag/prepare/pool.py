@@ -121,7 +121,7 @@ def _transformed(
     return done
 
 
-def run_jobs(
+def run_jobs(  # over 60 lines: the docstring is a third; the pool loop and its crash recovery belong together
     load: Callable[[Job], np.ndarray],
     jobs: Sequence[Job],
     n_mels: int,
