@@ -81,7 +81,7 @@ def make_split(root: Path, n: int, min_s: float, max_s: float) -> Any:
     """A store with ``n`` test tracks (and a few train/validation ones) of log-uniform lengths; its DataModule."""
     from freqtag.data import jamendo
     from freqtag.data.datamodule import JamendoDataModule
-    from freqtag.data.store import StoreWriter
+    from freqtag.data.store_writer import StoreWriter
     from freqtag.features import FeatureSpec
 
     spec = FeatureSpec.load("mel128")
@@ -122,7 +122,7 @@ def evaluation(args: argparse.Namespace, scratch: Path, tracks: int, min_s: floa
     torch.manual_seed(0)
     net = FreqTagNet(128, 224, 56, "freq_dep").eval()
     cpu = torch.device("cpu")
-    lengths = dm.store.lengths[dm.splits["test"].rows]
+    lengths = dm.reader.lengths[dm.splits["test"].rows]
     sampler = TrackBatchSampler(lengths, 224, args.batch_frames)
     padded = sum(len(b) * max(max(int(lengths[i]), 224) for i in b) for b in sampler)
     methods = {"per_track": 0, "batched": args.batch_frames}

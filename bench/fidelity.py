@@ -19,7 +19,7 @@ Each ingredient of the plain loop can be swapped for freqtag's, one at a time:
   --mixup ours     lam from np.random.default_rng([seed, step, 2]), the permutation from a torch generator seeded
                    by that stream's next draw, as TaggingModule.mixup_draw
   --crops ours     freqtag.data.datamodule.CropSampler (order and starts from (seed, epoch))
-  --gather ours    JamendoDataModule.gather + freqtag.data.datamodule.normalised (in-memory crops)
+  --gather ours    JamendoDataModule.gather + freqtag.data.normalise.normalise (in-memory crops)
   --val-pass       the per-epoch centre-crop validation pass Lightning runs (eval mode)
   --swa ours       freqtag.train.swa.SWA + the BatchNorm pass of freqtag.train.driver.finalize
   --all-ours       all of the above: must reproduce freqtag.train.driver.run bit for bit
@@ -186,7 +186,8 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     from hydra.utils import instantiate
     from torch.optim.swa_utils import AveragedModel, update_bn
 
-    from freqtag.data.datamodule import CropSampler, normalised
+    from freqtag.data.normalise import normalise
+    from freqtag.data.samplers import CropSampler
     from freqtag.features import FeatureSpec
     from freqtag.train.driver import build_loss, build_net, check_scorable, set_n_tags
     from freqtag.train.losses import mixup_loss
@@ -210,10 +211,10 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     alpha = float(cfg.mixup_alpha)
     L, B = dm.input_length, dm.batch_size
     train = dm.splits["train"]
-    lengths = dm.store.lengths[train.rows]
+    lengths = dm.reader.lengths[train.rows]
     labels = torch.from_numpy(np.ascontiguousarray(train.split.labels))
-    frames = dm.store.frames  # time-major float16 memmap
-    offsets = dm.store.offsets
+    frames = dm.reader.frames  # time-major float16 memmap
+    offsets = dm.reader.offsets
     mean, std = dm.mean, dm.std
     swa_ours = SWA(0.2)
     first_swa = swa_ours.first_epoch(epochs)
@@ -238,8 +239,8 @@ def run_plain(seed: int, tracks: int, epochs: int, o: Opts) -> dict:
     def crops_x(items: np.ndarray, starts: np.ndarray) -> torch.Tensor:
         rows = train.rows[items]
         if o.gather == "ours":
-            valid = np.minimum(dm.store.lengths[rows] - starts, L)
-            return normalised(dm.gather(torch.from_numpy(rows), torch.from_numpy(starts)), valid, mean, std)
+            valid = np.minimum(dm.reader.lengths[rows] - starts, L)
+            return normalise(dm.gather(torch.from_numpy(rows), torch.from_numpy(starts)), mean, std, valid)
         x = np.stack([frames[offsets[r] + s: offsets[r] + s + L] for r, s in zip(rows, starts)])  # (B, L, bands)
         x = (x.astype(np.float32) - np.float32(mean)) / np.float32(std)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1)))
@@ -492,7 +493,7 @@ def rng_stats(steps: int, seed: int, tracks: int, out: Path | None) -> dict:
     import torch
     from scipy import stats
 
-    from freqtag.data.datamodule import CropSampler
+    from freqtag.data.samplers import CropSampler
 
     torch.set_num_threads(1)
     alpha, B, L = 0.2, 32, 64

@@ -86,7 +86,8 @@ from machine import machine  # bench/machine.py, beside this script (on PYTHONPA
 import freqtag.cli
 import freqtag.train.gpu_pool
 from freqtag.data import jamendo
-from freqtag.data.store import FeatureStore, StoreWriter
+from freqtag.data.store import FeatureStore
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 from freqtag.model import FreqTagNet
 from freqtag.system.allocator import keep_freed_memory

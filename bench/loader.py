@@ -82,7 +82,8 @@ import torch
 from machine import machine  # bench/machine.py, beside this script
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from freqtag.data.datamodule import CropSampler, JamendoDataModule
+from freqtag.data.datamodule import JamendoDataModule
+from freqtag.data.samplers import CropSampler
 from freqtag.data.jamendo import TAGS_FILE
 from freqtag.data.store import FeatureStore
 from freqtag.data.synthetic import SPLIT_FRACTIONS, synthesize
@@ -373,12 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         return dm
 
     dm = datamodule(False)  # for the split, the stats and the reference's sampler; never maps the store here
-    assert dm.store is not None
-    store_file = dm.store.path
+    assert dm.reader is not None
+    store_file = dm.reader.path
     train = dm.splits["train"]
     npy = write_npy(store_file, train.split.track_ids, args.data_dir / "bench" / f"npy-{folder.name}")
     n_crops = len(train.rows)
-    print(f"{n_crops} train tracks ({len(dm.store)} in the store, {store_file.stat().st_size / 2**20:.0f} MiB); "
+    print(f"{n_crops} train tracks ({len(dm.reader)} in the store, {store_file.stat().st_size / 2**20:.0f} MiB); "
           f"crops {spec.n_mels} x {args.length}, batch {args.batch_size}, {args.workers} workers, "
           f"{torch.get_num_threads()} torch thread(s) in the main process")
 
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "loader", "machine": {**info, "load_avg_end": [round(v, 2) for v in os.getloadavg()]},
         "settings": {"features": args.features, "bands": spec.n_mels, "length": args.length, "batch_size": args.batch_size,
-                     "workers": args.workers, "train_tracks": n_crops, "store_tracks": len(dm.store),
+                     "workers": args.workers, "train_tracks": n_crops, "store_tracks": len(dm.reader),
                      "store": str(store_file), "store_bytes": store_file.stat().st_size,
                      "npy_bytes": sum(p.stat().st_size for p in npy), "rounds": args.rounds,
                      "warmup_batches": args.warmup_batches, "main_threads": main_threads,

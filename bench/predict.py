@@ -209,7 +209,7 @@ def split_times(ckpt: Path, files: list[str], rounds: int) -> dict[str, Any]:
     network with 1 and with 2 torch threads (alternating; wall and CPU time), in this process, with the 1-minute
     load."""
     from freqtag.audio.decode import decoded_blocks
-    from freqtag.prepare.command import Job
+    from freqtag.prepare.pool import Job
     from freqtag.tag.models import load_model
     from freqtag.tag.runner import decode_features
 

@@ -248,7 +248,7 @@ def profile(features: str, files: list[Path]) -> dict:
     from freqtag.audio.logmel import LogMel
     from freqtag.audio.resample import resample
     from freqtag.features import FeatureSpec
-    from freqtag.prepare.command import _checked
+    from freqtag.prepare.pool import _checked
 
     torch.set_num_threads(1)
     spec = FeatureSpec.load(features)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["FeatureSpec", "available_features", "RESAMPLERS", "WINDOWS", "LEGACY_DEFAULTS"]
+__all__ = ["FeatureSpec", "available_features", "RESAMPLERS", "WINDOWS", "LEGACY_DEFAULTS", "DROPPED"]
 
 # How a file is brought to the recipe's rate (freqtag.audio.resample.resample): "sinc" is torchaudio's band-limited
 # resampler; "linear" is libsamplerate's SRC_LINEAR as Essentia's MonoLoader(resampleQuality=4) runs it,
@@ -29,11 +29,14 @@ WINDOWS = ("hann_periodic", "hann_symmetric")
 # freqtag that always resampled with sinc and used the periodic window, so that is what it reads as: an old
 # mel128 spec still equals mel128, an old mel96 spec (sinc, periodic) does not equal today's mel96.
 LEGACY_DEFAULTS: dict[str, Any] = {"resample": "sinc", "window": "hann_periodic"}
+# Fields removed since: a spec saved with them (in a store or a final.ckpt) still reads, without them. "center"
+# was never read: the transform always centres its frames (pads half a window at both ends).
+DROPPED = ("center",)
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """How a log-mel spectrogram is computed (see REFERENCE.md, Features)."""
+    """How a log-mel spectrogram is computed: every parameter, so equal specs give equal features."""
 
     name: str
     sample_rate: int
@@ -50,7 +53,6 @@ class FeatureSpec:
     power: float
     db_multiplier: float
     amin: float
-    center: bool
     pad_mode: str
     trim_top_db: float | None
     drop_first_frame: bool
@@ -79,9 +81,10 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FeatureSpec":
-        """The spec of a recipe file, store or checkpoint; a spec saved before a field existed gets LEGACY_DEFAULTS."""
+        """The spec of a recipe file, store or checkpoint: a field added since gets LEGACY_DEFAULTS, one dropped goes."""
         fields = {f.name for f in dataclasses.fields(cls)}
         data = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in data}, **data}
+        data = {k: v for k, v in data.items() if k not in DROPPED}
         unknown = set(data) - fields
         missing = fields - set(data)
         if unknown or missing:

@@ -17,7 +17,7 @@ from helpers import FREQTAG, REPO, compose_tiny, tiny_overrides  # noqa: F401  (
 from omegaconf import DictConfig, open_dict
 
 from freqtag.data import jamendo
-from freqtag.data.store import StoreWriter
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 
 TAGS = list(jamendo.MOODTHEME_TAGS)

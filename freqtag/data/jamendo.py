@@ -13,7 +13,7 @@ every tag of the task's three TSVs, sorted (:func:`task_tags` says which).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +81,9 @@ class Split:
     paths: tuple[str, ...]
     durations: np.ndarray  # float64 (N,), seconds
     labels: np.ndarray  # uint8 (N, n_tags)
-    _row: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self._row.update({t: i for i, t in enumerate(self.track_ids)})
 
     def __len__(self) -> int:
         return len(self.track_ids)
-
-    def row(self, track_id: str) -> int:
-        return self._row[track_id]
 
     def positive_rates(self) -> np.ndarray:
         """Fraction of tracks carrying each tag (the p_i of the weighted loss)."""
@@ -189,6 +182,7 @@ def task_tags(splits_dir: str | Path, task: str = "moodtheme", tags_file: str | 
     return read_tags(found), str(found)
 
 
+# over 60 lines: one reader of the split TSV format, each column's check beside it
 def read_split(path: str | Path, tags: list[str] | tuple[str, ...], name: str | None = None) -> Split:
     """Parse one split TSV; every problem names the file and line."""
     path = Path(path)

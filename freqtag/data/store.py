@@ -2,66 +2,46 @@
 
 Layout (format version 1)::
 
-    /features        float16 (total_frames, n_bands), contiguous, uncompressed
+    /features        float16 (total_frames, n_mels), contiguous, uncompressed
     /tracks/id       utf-8 strings (N,)
     /tracks/offset   int64 (N,)   first frame of each track in /features
     /tracks/length   int64 (N,)   frames of each track
     attrs: format, version, spec (JSON FeatureSpec), mean, std, stats_split, stats_tracks
 
 Frames are stored time-major so that a crop of L frames is ONE contiguous
-byte range (DESIGN.md said bands x frames; time-major makes the read a single
-``memcpy`` instead of one strided read per band). Because the dataset is
+byte range (bands x frames would make it one strided read per band; time-major
+makes it a single ``memcpy``). Because the dataset is
 contiguous and uncompressed, readers memory-map it at its HDF5 offset, opened
 lazily in each process, so a store is safe to share across fork and spawn.
 
-Writing is resumable and atomic: finished tracks are kept in
-``STORE.partial/`` (one ``.npz`` per batch, each renamed into place when
-complete); ``finish`` assembles ``STORE.tmp`` in the canonical track order and
-renames it to ``STORE``. An interrupted run re-opens the partial folder and
-does only the tracks that are missing; the assembled store does not depend on
-how often, or where, the writing was interrupted.
+Stores are written by :class:`freqtag.data.store_writer.StoreWriter`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import h5py
 import numpy as np
 import torch
 
 from freqtag.features import FeatureSpec
-from freqtag.system.faults import DiskFullError, disk_full, fault_point
 
-__all__ = ["FeatureStore", "StoreWriter", "StoreError", "FORMAT", "VERSION", "remove_partial"]
+__all__ = ["FeatureStore", "StoreError", "FORMAT", "VERSION", "DTYPE", "store_summary"]
 
 FORMAT = "freqtag-store"
 VERSION = 1
 DTYPE = np.float16
-_OPEN_PARTS = 16  # npz parts kept open at once while assembling
 _LOAD_FRAMES = 1 << 16  # frames per block when loading the store band-major (16 MB of mel128)
 _SCAN_FRAMES = 1 << 18  # frames per block when scanning for non-finite values (64 MB of mel128)
-_SPACE_MARGIN = 1 << 20  # bytes beyond the frames and index that assembling a store may take (HDF5 metadata)
 _EXP16 = np.uint16(0x7C00)  # float16 exponent bits: all set means inf or NaN
 
 
 class StoreError(RuntimeError):
     """A store that cannot be used as asked (names the file and the fix)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FeatureStore:
@@ -99,14 +79,14 @@ class FeatureStore:
                 self.offsets: np.ndarray = f["tracks/offset"][()].astype(np.int64)
                 self.lengths: np.ndarray = f["tracks/length"][()].astype(np.int64)
                 ds = f["features"]
-                self.n_frames, self.n_bands = (int(n) for n in ds.shape)
+                self.n_frames, self.n_mels = (int(n) for n in ds.shape)
                 self._byte_offset = ds.id.get_offset()
                 if ds.dtype != DTYPE or self._byte_offset is None or ds.chunks is not None:
                     raise StoreError(f"{self.path}: /features is not a contiguous float16 dataset; rebuild it")
         except (OSError, KeyError) as e:
             raise StoreError(f"{self.path} is not a readable freqtag store ({e}); rebuild it") from e
-        if self.n_bands != self.spec.n_mels:
-            raise StoreError(f"{self.path}: {self.n_bands} bands stored but the spec says {self.spec.n_mels}")
+        if self.n_mels != self.spec.n_mels:
+            raise StoreError(f"{self.path}: {self.n_mels} bands stored but the spec says {self.spec.n_mels}")
         self._check_index()
         self.row = {t: i for i, t in enumerate(self.track_ids)}
         self._map: np.ndarray | None = None
@@ -146,7 +126,7 @@ class FeatureStore:
                 f"{self.path}: the track index and the data disagree (the index covers {total:,} frames, "
                 f"/features holds {self.n_frames:,}); {fix}"
             )
-        need = int(self._byte_offset) + self.n_frames * self.n_bands * np.dtype(DTYPE).itemsize
+        need = int(self._byte_offset) + self.n_frames * self.n_mels * np.dtype(DTYPE).itemsize
         size = self.path.stat().st_size
         if size < need:
             raise StoreError(f"{self.path} is cut short ({size:,} bytes, its frames need {need:,}); {fix}")
@@ -192,10 +172,10 @@ class FeatureStore:
 
     @property
     def frames(self) -> np.ndarray:
-        """(total_frames, n_bands) float16 memory map, opened once per process."""
+        """(total_frames, n_mels) float16 memory map, opened once per process."""
         if self._map is None or self._pid != os.getpid():
             self._map = np.memmap(
-                self.path, dtype=DTYPE, mode="r", offset=self._byte_offset, shape=(self.n_frames, self.n_bands)
+                self.path, dtype=DTYPE, mode="r", offset=self._byte_offset, shape=(self.n_frames, self.n_mels)
             )
             self._pid = os.getpid()
         return self._map
@@ -208,7 +188,7 @@ class FeatureStore:
         return int(self.lengths[self.row[track_id]])
 
     def track(self, track_id: str) -> np.ndarray:
-        """All frames of a track, (frames, n_bands) float16 (a copy)."""
+        """All frames of a track, (frames, n_mels) float16 (a copy)."""
         i = self.row[track_id]
         o = int(self.offsets[i])
         return np.array(self.frames[o : o + int(self.lengths[i])])
@@ -220,10 +200,10 @@ class FeatureStore:
 
     def band_major_bytes(self, pad: int = 0) -> int:
         """Bytes :meth:`load_band_major` allocates on its device."""
-        return self.n_bands * (self.n_frames + pad) * np.dtype(DTYPE).itemsize
+        return self.n_mels * (self.n_frames + pad) * np.dtype(DTYPE).itemsize
 
     def load_band_major(self, pad: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Every frame on ``device``, band-major: (n_bands, total_frames + pad) float16, the ``pad`` extra frames 0.
+        """Every frame on ``device``, band-major: (n_mels, total_frames + pad) float16, the ``pad`` extra frames 0.
 
         The device tensor is allocated once and filled block by block from the
         map through one reusable host buffer (pinned for a GPU), so host memory
@@ -231,9 +211,9 @@ class FeatureStore:
         MTG-Jamendo would otherwise pass through RAM once per rank).
         """
         device = torch.device(device)
-        out = torch.empty((self.n_bands, self.n_frames + pad), dtype=torch.float16, device=device)
+        out = torch.empty((self.n_mels, self.n_frames + pad), dtype=torch.float16, device=device)
         out[:, self.n_frames :] = 0
-        block = torch.empty((self.n_bands, min(_LOAD_FRAMES, max(self.n_frames, 1))), dtype=torch.float16,
+        block = torch.empty((self.n_mels, min(_LOAD_FRAMES, max(self.n_frames, 1))), dtype=torch.float16,
                             pin_memory=device.type == "cuda")
         staging = block.numpy()
         for a in range(0, self.n_frames, _LOAD_FRAMES):
@@ -244,206 +224,6 @@ class FeatureStore:
 
     def missing(self, track_ids: Iterable[str]) -> list[str]:
         return [t for t in track_ids if t not in self.row]
-
-
-@dataclass
-class _Stats:
-    count: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
-
-    def add(self, x: np.ndarray) -> None:
-        x64 = x.astype(np.float64)
-        self.count += x64.size
-        self.total += float(x64.sum())
-        self.total_sq += float(np.square(x64).sum())
-
-    def mean_std(self) -> tuple[float, float]:
-        if self.count == 0:
-            return 0.0, 1.0
-        mean = self.total / self.count
-        var = max(self.total_sq / self.count - mean * mean, 0.0)
-        return mean, float(np.sqrt(var)) or 1.0
-
-
-class StoreWriter:
-    """Build a store resumably: ``add`` finished tracks, then ``finish``.
-
-    ``track_ids`` is the canonical order of the final store; tracks already in
-    ``STORE.partial/`` from an interrupted run are listed in ``done``.
-    """
-
-    def __init__(self, out: str | Path, spec: FeatureSpec, track_ids: Sequence[str]) -> None:
-        self.out = Path(out)
-        self.spec = spec
-        self.order = list(track_ids)
-        if len(set(self.order)) != len(self.order):
-            raise StoreError(f"{self.out}: duplicate track ids given to the store writer")
-        self.partial = self.out.with_name(self.out.name + ".partial")
-        self.partial.mkdir(parents=True, exist_ok=True)
-        spec_file = self.partial / "spec.json"
-        if spec_file.exists():
-            old = FeatureSpec.from_json(spec_file.read_text())
-            if old != spec:
-                raise StoreError(
-                    f"{self.partial} holds an unfinished store with features '{old.name}', not '{spec.name}': "
-                    f"re-run with --features {old.name}, or delete {self.partial} to start over"
-                )
-        else:
-            tmp = spec_file.with_suffix(".tmp")
-            tmp.write_text(spec.to_json())
-            tmp.replace(spec_file)
-        self._where: dict[str, Path] = {}
-        self._next = 0
-        for part in sorted(self.partial.glob("part-*.npz")):
-            self._next = max(self._next, int(part.stem.split("-")[1]) + 1)
-            try:
-                with np.load(part) as z:
-                    names = list(z.files)
-            except Exception:  # a damaged part is redone, never trusted
-                part.unlink()
-                continue
-            for name in names:
-                self._where[name] = part
-        for stale in self.partial.glob("*.tmp"):
-            stale.unlink()
-
-    @property
-    def done(self) -> set[str]:
-        return set(self._where)
-
-    def todo(self) -> list[str]:
-        return [t for t in self.order if t not in self._where]
-
-    def add(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
-        """Keep a batch of finished tracks: (track_id, (frames, n_bands) array) each."""
-        if not items:
-            return
-        arrays: dict[str, np.ndarray] = {}
-        for track_id, x in items:
-            x = np.asarray(x)
-            if x.ndim != 2 or x.shape[1] != self.spec.n_mels:
-                raise StoreError(f"track {track_id}: features of shape {x.shape}, expected (frames, {self.spec.n_mels})")
-            x16 = x.astype(DTYPE)
-            if not np.isfinite(x16).all():
-                raise StoreError(
-                    f"track {track_id}: {int((~np.isfinite(x16)).sum())} NaN/inf values (or beyond the float16 "
-                    f"range) in its features; a store holds finite values only: fix or leave out its source file"
-                )
-            arrays[track_id] = x16
-        part = self.partial / f"part-{self._next:06d}.npz"
-        self._next += 1
-        tmp = part.with_name(part.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            fault_point("store.part.written")
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if disk_full(e):
-                raise DiskFullError(
-                    tmp, f"the {len(self._where)} tracks finished so far are kept in {self.partial}"
-                ) from None
-            raise
-        tmp.replace(part)
-        fault_point("store.part.renamed")
-        for track_id in arrays:
-            self._where[track_id] = part
-
-    def finish(self, stats_ids: Iterable[str], stats_split: str) -> Path:
-        """Assemble the store from the kept tracks (those of ``track_ids`` that were added).
-
-        ``stats_ids``: the tracks whose frames give the normalisation mean/std
-        (the train split). Returns the final path.
-        """
-        present = [t for t in self.order if t in self._where]
-        if not present:
-            # h5py never allocates an unwritten dataset, so the reader could not map it
-            raise StoreError(f"{self.out}: no track was added, so there is no store to assemble")
-        stats_set = set(stats_ids)
-        stats = _Stats()
-        lengths = np.zeros(len(present), dtype=np.int64)
-        # A few parts open at a time: a store of many small parts must not run
-        # out of file descriptors (an NpzFile keeps its file open).
-        opened: OrderedDict[Path, np.lib.npyio.NpzFile] = OrderedDict()
-
-        def get(track_id: str) -> np.ndarray:
-            part = self._where[track_id]
-            if part in opened:
-                opened.move_to_end(part)
-            else:
-                if len(opened) >= _OPEN_PARTS:
-                    opened.popitem(last=False)[1].close()
-                opened[part] = np.load(part)
-            return opened[part][track_id]
-
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        total = 0
-        try:
-            for i, t in enumerate(present):
-                lengths[i] = get(t).shape[0]
-            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(present) else lengths
-            total = int(lengths.sum())
-            # HDF5 cannot fail cleanly when the disk fills (a write that fails at close leaves objects that
-            # crash the interpreter when freed), so the space is checked before HDF5 writes anything
-            need = total * self.spec.n_mels * np.dtype(DTYPE).itemsize + 64 * len(present) + _SPACE_MARGIN
-            if shutil.disk_usage(tmp.parent).free < need:
-                raise OSError(errno.ENOSPC, f"{need:,} bytes needed, {shutil.disk_usage(tmp.parent).free:,} free")
-            with h5py.File(tmp, "w") as f:
-                ds = f.create_dataset("features", shape=(total, self.spec.n_mels), dtype=DTYPE)
-                for i, t in enumerate(present):
-                    x = get(t)
-                    ds[offsets[i] : offsets[i] + lengths[i]] = x
-                    if t in stats_set:
-                        stats.add(x)
-                    if i == len(present) // 2:
-                        fault_point("store.assemble")
-                f.create_dataset("tracks/id", data=np.array(present, dtype=object), dtype=h5py.string_dtype())
-                f.create_dataset("tracks/offset", data=offsets)
-                f.create_dataset("tracks/length", data=lengths)
-                mean, std = stats.mean_std()
-                f.attrs["format"] = FORMAT
-                f.attrs["version"] = VERSION
-                f.attrs["spec"] = self.spec.to_json()
-                f.attrs["mean"] = mean
-                f.attrs["std"] = std
-                f.attrs["stats_split"] = stats_split
-                f.attrs["stats_tracks"] = sum(1 for t in present if t in stats_set)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        except BaseException as e:
-            if disk_full(e):
-                tmp.unlink(missing_ok=True)  # give the space back: the parts are all a re-run needs
-                raise DiskFullError(
-                    tmp, f"the {len(present)} finished tracks are kept in {self.partial}; the store needs "
-                    f"{total * self.spec.n_mels * np.dtype(DTYPE).itemsize / 1e6:,.1f} MB"
-                ) from None
-            raise
-        finally:
-            for z in opened.values():
-                z.close()
-        fault_point("store.rename.before")
-        tmp.replace(self.out)
-        fault_point("store.rename.after")
-        _fsync_dir(self.out.parent)
-        remove_partial(self.partial)
-        return self.out
-
-
-def remove_partial(partial: Path) -> None:
-    """Delete ``STORE.partial/`` once the store is complete (also what a re-run does after a kill here)."""
-    if not partial.is_dir():
-        return
-    for i, entry in enumerate(sorted(partial.iterdir())):
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-        if i == 0:
-            fault_point("store.cleanup")
-    partial.rmdir()
 
 
 def store_summary(store: FeatureStore) -> dict:

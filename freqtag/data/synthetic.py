@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from freqtag.data.jamendo import MOODTHEME_TAGS, SPLITS, TAGS_FILE, split_file, write_split
-from freqtag.data.store import StoreWriter
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 
 __all__ = ["synthesize", "tag_layout", "is_synthetic", "N_MOTIFS", "N_REGIONS", "DEMO_TRACKS", "MANIFEST"]
@@ -41,7 +41,7 @@ VERSION = 2  # bump when the generated data changes (2: mel96's recipe gained re
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 TAGS_PER_TRACK = (0.4, 0.4, 0.2)  # P(1), P(2), P(3) tags: mean 1.8 like MTG
 MIN_FRAMES, MAX_FRAMES = 60, 2000  # log-uniform: ~22% of tracks are shorter than 128 frames
-# Real global statistics of each feature kind (REFERENCE.md): mean, std in dB.
+# The global statistics of each feature kind on MTG-Jamendo, mean and std in dB: the synthetic tracks sit there.
 LEVELS = {"mel96": (-24.4, 19.4), "mel128": (1.1, 20.2)}
 MOTIF_DB = (22.0, 30.0)  # peak height of a tag's motif (and of a distractor)
 NOISE_DB = 4.0  # per-bin noise std
@@ -188,6 +188,7 @@ def is_synthetic(folder: str | Path) -> bool:
         return False
 
 
+# over 60 lines: the generation read top to bottom: its order is the data's (draws in sequence)
 def synthesize(out: str | Path, tracks: int = DEMO_TRACKS, seed: int = 0, features: str = "mel96") -> Path:
     """Write the synthetic dataset into folder ``out`` and return ``out``.
 

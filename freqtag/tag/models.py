@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from freqtag import runs
+from freqtag.data.normalise import normalise
 from freqtag.features import FeatureSpec
 from freqtag.model import FreqTagNet
 from freqtag.system.precision import evaluation_precision
@@ -131,9 +132,7 @@ class TaggerModel:
 
     def normalise(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(T, bands) raw features -> (1, bands, T) float32 ``(x - mean) / std`` on the device, as training's crops."""
-        from freqtag.data.datamodule import normalised  # imports pytorch_lightning: only when a track is scored
-
-        return normalised(torch.as_tensor(frames).T[None].to(self.device), None, self.mean, self.std)
+        return normalise(torch.as_tensor(frames).T[None], self.mean, self.std, device=self.device)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network in evaluation precision; on a CPU with the same bits for any thread count."""
@@ -192,7 +191,7 @@ class RawMelTagger(nn.Module):
         self.input_length = int(input_length)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        x = (mel - self.mean) / self.std  # graph ops, not data's in-place ``normalised``: this is what gets exported
+        x = (mel - self.mean) / self.std  # graph ops, not data's in-place ``normalise``: this is what gets exported
         t = x.shape[2]
         if t < self.input_length:
             x = F.pad(x, [0, self.input_length - t])

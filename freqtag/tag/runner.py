@@ -22,7 +22,7 @@ Three ways to get a file through the network, with the same result bit for bit:
   are in flight.
 
 Workers are ``freqtag prepare``'s crash-isolating pool
-(:func:`freqtag.prepare.command.run_jobs`): a decoder that kills its process is
+(:func:`freqtag.prepare.pool.run_jobs`): a decoder that kills its process is
 reported for that file and the others go on.
 
 Why the network goes to the workers on a CPU (``bench/predict.py
@@ -160,7 +160,7 @@ class DecodedFile:
 def decode_features(job: Any, specs: tuple[Any, ...]) -> DecodedFile:
     """A worker's job: the file's features for every recipe, by the same blocks as :func:`tag_file`."""
     from freqtag.audio.stream import stream_features
-    from freqtag.prepare.command import SkipTrack
+    from freqtag.prepare.pool import SkipTrack
 
     fault_point(f"tagrun.decode:{Path(job.source).name}")  # tests make the worker die here, as a decoder crash would
     pieces: list[list[np.ndarray]] = [[] for _ in specs]
@@ -201,7 +201,7 @@ def _start_network_worker(models: str, low_memory: bool) -> None:
 
 def tag_job(job: Any, chunk_windows: int | None, layer: str | None) -> FileResult:
     """A network worker's job: :func:`tag_file` on the job's file with the worker's models."""
-    from freqtag.prepare.command import SkipTrack
+    from freqtag.prepare.pool import SkipTrack
     from freqtag.system.memory import OutOfMemory, out_of_memory
 
     fault_point(f"tagrun.decode:{Path(job.source).name}")  # tests make the worker die here, as a decoder crash would
@@ -263,7 +263,7 @@ def tag_files(files: Sequence[Path], models: Sequence[Any], chunk_windows: int |
         return
 
     from freqtag.audio import decode as audio
-    from freqtag.prepare.command import Job, run_jobs
+    from freqtag.prepare.pool import Job, run_jobs
 
     jobs = [Job(str(i), str(f)) for i, f in enumerate(files)]
     n = min(workers, len(files))

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from freqtag.data.datamodule import JamendoDataModule, normalised
+from freqtag.data.datamodule import JamendoDataModule
+from freqtag.data.normalise import normalise
 from freqtag.data.store import FeatureStore
 from freqtag.system.memory import out_of_memory
 from freqtag.system.precision import evaluation_precision
@@ -77,19 +78,19 @@ class TrackBatchSampler(Sampler[list[int]]):
 class TrackBatchDataset(Dataset):
     """Whole tracks of a batch, normalised and zero padded to the longest: ``x`` (B, bands, T), ``frames`` (B,)."""
 
-    def __init__(self, store: FeatureStore, rows: np.ndarray) -> None:
-        self.store = store
+    def __init__(self, reader: FeatureStore, rows: np.ndarray) -> None:
+        self.reader = reader
         self.rows = np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
-        frames = np.array([int(self.store.lengths[self.rows[i]]) for i in batch], dtype=np.int64)
-        x16 = torch.zeros((len(batch), self.store.n_bands, int(frames.max())), dtype=torch.float16)
+        frames = np.array([int(self.reader.lengths[self.rows[i]]) for i in batch], dtype=np.int64)
+        x16 = torch.zeros((len(batch), self.reader.n_mels, int(frames.max())), dtype=torch.float16)
         for k, i in enumerate(batch):
-            x16[k, :, : frames[k]] = torch.from_numpy(self.store.crop(int(self.rows[i]), 0, int(frames[k]))).t()
-        x = normalised(x16, frames, self.store.mean, self.store.std)  # the per-track arithmetic; zero past each end
+            x16[k, :, : frames[k]] = torch.from_numpy(self.reader.crop(int(self.rows[i]), 0, int(frames[k]))).t()
+        x = normalise(x16, self.reader.mean, self.reader.std, frames)  # the per-track arithmetic; zero past each end
         return {"item": torch.tensor(list(batch)), "x": x, "frames": torch.from_numpy(frames)}
 
 
@@ -119,11 +120,11 @@ def evaluate_tracks(net: nn.Module, dm: JamendoDataModule, split: str, device: t
     batched = eval_batch_frames > 0 and masked_layers(net) is not None
     if batched:
         dm.check()
-        assert dm.store is not None
+        assert dm.reader is not None
         rows = dm.splits[split].rows
         rank, world = dm._rank()
-        loader = dm._loader(TrackBatchDataset(dm.store, rows),
-                            TrackBatchSampler(dm.store.lengths[rows], dm.input_length, eval_batch_frames, rank, world))
+        loader = dm._loader(TrackBatchDataset(dm.reader, rows),
+                            TrackBatchSampler(dm.reader.lengths[rows], dm.input_length, eval_batch_frames, rank, world))
     else:
         loader = dm.track_loader(split)
     batch: dict[str, Any] = {}

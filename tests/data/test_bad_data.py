@@ -23,7 +23,8 @@ from tiny_data import Tiny, config, make_tiny
 from tiny_data import run as run_command
 
 from freqtag.data import jamendo
-from freqtag.data.store import FeatureStore, StoreError, StoreWriter
+from freqtag.data.store import FeatureStore, StoreError
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 from freqtag.tag.predict import main as predict_main
 from freqtag.train.checkpoints import ResumeError, check_resume

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from freqtag.data.datamodule import CropSampler, DataError, JamendoDataModule, RingOverwrite
+from freqtag.data.datamodule import DataError, JamendoDataModule
 from freqtag.data.jamendo import MOODTHEME_TAGS, TAGS_FILE, split_file, write_split
-from freqtag.data.store import StoreWriter
+from freqtag.data.ring import RingOverwrite
+from freqtag.data.samplers import CropSampler
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 
 SPEC = FeatureSpec.load("mel96")
@@ -148,6 +150,22 @@ def test_rank_shares_partition_each_global_batch(data):
     shares = [list(CropSampler(lengths, L, 8, seed=5, rank=r, world_size=3)) for r in range(3)]
     for k, batch in enumerate(whole):
         assert sorted(sum((s[k] for s in shares), [])) == sorted(batch)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_a_last_batch_is_kept_only_if_every_rank_gets_two_crops(world):
+    # BatchNorm in training mode needs 2+ values per channel: one crop per rank (at input_length=32) would crash
+    for rest in range(0, 8):
+        lengths = np.full(16 + rest, L + 5)
+        shares = [list(CropSampler(lengths, L, 16, seed=3, rank=r, world_size=world)) for r in range(world)]
+        kept = rest // world >= 2
+        whole = list(CropSampler(lengths, L, 16, seed=3, min_last=1))
+        for s in shares:
+            assert len(s) == 1 + kept and all(len(b) >= 2 for b in s)
+        for k in range(1 + kept):  # the same crops as before, from (seed, epoch): a batch is only dropped
+            assert sorted(sum((s[k] for s in shares), [])) == sorted(whole[k])
+        evaluation = list(CropSampler(lengths, L, 16, seed=3, world_size=world, min_last=1))
+        assert len(evaluation) == 1 + (rest >= world)  # evaluation crops: one per rank suffices
 
 
 def test_whole_tracks_in_split_order_any_length(data):

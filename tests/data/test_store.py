@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import pickle
 from pathlib import Path
@@ -10,7 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from freqtag.data.store import DTYPE, FeatureStore, StoreError, StoreWriter, store_summary
+from freqtag.data.store import DTYPE, FeatureStore, StoreError, store_summary
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
 
 SPEC = FeatureSpec.load("mel96")
@@ -42,10 +44,23 @@ def store_path(tmp_path: Path, tracks) -> Path:
     return write_store(tmp_path / "mel96.h5", tracks, list(tracks)[:8])
 
 
+def test_a_store_whose_spec_still_has_center_opens_as_today(store_path: Path, tmp_path: Path) -> None:
+    """Stores written before FeatureSpec lost its unused ``center`` field read as today's (and resume as them)."""
+    old = {**SPEC.to_dict(), "center": True}
+    assert "center" not in SPEC.to_dict()
+    with h5py.File(store_path, "r+") as f:
+        f.attrs["spec"] = json.dumps(old, sort_keys=True)
+    assert FeatureStore(store_path).spec == SPEC
+    partial = tmp_path / "resumed.h5.partial"
+    partial.mkdir()
+    (partial / "spec.json").write_text(json.dumps(old))
+    assert StoreWriter(tmp_path / "resumed.h5", SPEC, ["a"]).todo() == ["a"]
+
+
 def test_round_trip(store_path: Path, tracks) -> None:
     store = FeatureStore(store_path)
     assert store.track_ids == list(tracks)
-    assert store.spec == SPEC and store.n_bands == 96
+    assert store.spec == SPEC and store.n_mels == 96
     assert store.n_frames == sum(len(x) for x in tracks.values())
     assert store.frames.dtype == np.float16
     for i, (track_id, x) in enumerate(tracks.items()):

@@ -31,7 +31,7 @@ def _store_content(path):
 def test_formats_tags_and_splits(demo):
     out, splits, store = demo
     assert read_tags(out / TAGS_FILE) == list(MOODTHEME_TAGS)
-    assert store.spec == FeatureSpec.load("mel96") and store.n_bands == 96
+    assert store.spec == FeatureSpec.load("mel96") and store.n_mels == 96
     assert store.stats_split == "train" and store.stats_tracks == len(splits["train"])
     sizes = [len(splits[s]) for s in SPLITS]
     assert sum(sizes) == 1000 and sizes == [600, 200, 200]
@@ -60,7 +60,7 @@ def test_mel128_and_small_dataset(tmp_path):
     out = synthesize(tmp_path / "s", tracks=300, seed=3, features="mel128")
     splits = read_splits(out / "split-0", read_tags(out / TAGS_FILE))
     store = FeatureStore(out / "mel128.h5")
-    assert store.spec.name == "mel128" and store.n_bands == 128
+    assert store.spec.name == "mel128" and store.n_mels == 128
     assert -3 < store.mean < 5 and 16 < store.std < 24
     for s in SPLITS:  # even 300 tracks hold every tag in every split
         assert splits[s].labels.sum(axis=0).min() >= 1

@@ -22,7 +22,7 @@ from tiny_data import config, make_tiny
 from freqtag.audio.whole import features_from_file
 from freqtag.data.store import FeatureStore
 from freqtag.features import FeatureSpec
-from freqtag.prepare.command import read_report, report_path
+from freqtag.prepare.report import read_report, report_path
 from freqtag.train.driver import run
 
 FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3"}

@@ -15,7 +15,9 @@ import pytest
 from helpers import assert_same_store, freqtag
 
 from freqtag.data.store import FeatureStore
-from freqtag.prepare.command import PrepareError, npy_jobs, prepare_npy, read_report, read_split_dir, report_path
+from freqtag.prepare.command import PrepareError, prepare_npy
+from freqtag.prepare.jobs import npy_jobs, read_split_dir
+from freqtag.prepare.report import read_report, report_path
 
 COUNTS = {"train": 40, "validation": 10, "test": 10}
 # (split, row in our small TSV) -> what is wrong with its file, and the reason's key words
@@ -150,7 +152,8 @@ def test_two_workers_give_the_same_store(tree: Tree, reference, tmp_path: Path) 
 SLOW_RUN = textwrap.dedent(
     """
     import functools, sys, time
-    from freqtag.prepare import command as prepare
+    from freqtag.prepare import jobs as prepare
+    from freqtag.prepare.assemble import build_store
     from freqtag.features import FeatureSpec
 
     def slow_load(job, n_mels):
@@ -159,7 +162,7 @@ SLOW_RUN = textwrap.dedent(
 
     npy, splits_dir, tags, out = sys.argv[1:]
     splits = prepare.read_split_dir(splits_dir, tags)
-    prepare.build_store(
+    build_store(
         prepare.npy_jobs(npy, splits), functools.partial(slow_load, n_mels=96), out,
         FeatureSpec.load("mel96"), splits["train"].track_ids, batch_size=2, progress=False,
     )

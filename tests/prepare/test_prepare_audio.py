@@ -21,17 +21,14 @@ from helpers import assert_same_store, freqtag  # the same store-equality check 
 
 from freqtag.audio.whole import features_from_file
 from freqtag.data import jamendo
-from freqtag.data.store import FeatureStore, StoreError, StoreWriter
+from freqtag.data.store import FeatureStore, StoreError
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import LEGACY_DEFAULTS, FeatureSpec
-from freqtag.prepare.command import (
-    CRASH_REASON,
-    audio_jobs,
-    build_store,
-    load_audio,
-    prepare_audio,
-    read_report,
-    report_path,
-)
+from freqtag.prepare.assemble import build_store
+from freqtag.prepare.command import prepare_audio
+from freqtag.prepare.jobs import audio_jobs, load_audio
+from freqtag.prepare.pool import CRASH_REASON
+from freqtag.prepare.report import read_report, report_path
 
 MEL128 = FeatureSpec.load("mel128")
 MEL96 = FeatureSpec.load("mel96")
@@ -125,7 +122,8 @@ def test_folder_of_audio_good_and_bad(audio_dir: Path, mel128_run) -> None:
 SLOW_RUN = textwrap.dedent(
     """
     import functools, sys, time
-    from freqtag.prepare import command as prepare
+    from freqtag.prepare import jobs as prepare
+    from freqtag.prepare.assemble import build_store
     from freqtag.audio.logmel import LogMel
     from freqtag.features import FeatureSpec
 
@@ -136,7 +134,7 @@ SLOW_RUN = textwrap.dedent(
     audio_dir, out = sys.argv[1:]
     spec = FeatureSpec.load("mel128")
     jobs = prepare.audio_jobs(audio_dir, None, out)
-    prepare.build_store(
+    build_store(
         jobs, functools.partial(slow_load, spec=spec), out, spec, [j.track_id for j in jobs], stats_split="all",
         batch_size=1, progress=False, transform=LogMel(spec),
     )

@@ -27,9 +27,10 @@ import torch
 from helpers import assert_same_store
 from tiny_data import FREQTAG, Tiny, make_tiny, run
 
-from freqtag.data.store import FeatureStore, StoreWriter
+from freqtag.data.store import FeatureStore
+from freqtag.data.store_writer import StoreWriter
 from freqtag.features import FeatureSpec
-from freqtag.prepare.command import read_report, report_path
+from freqtag.prepare.report import read_report, report_path
 from freqtag.system import faults
 from freqtag.system.atomic import atomic_save
 from freqtag.system.faults import FAULT_ENV, DiskFullError

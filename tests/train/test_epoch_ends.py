@@ -75,7 +75,7 @@ def alone(dm) -> np.ndarray:
 
 
 def test_batched_evaluation_equals_one_track_per_pass(dm, alone):
-    lengths = dm.store.lengths[dm.splits["test"].rows]
+    lengths = dm.reader.lengths[dm.splits["test"].rows]
     assert lengths.min() < INPUT_LENGTH < lengths.max() and (lengths % 32).any()
     model = net("convs")
     for frames in (200, 65536):  # pairs and triples of similar length; the whole split in one pass

@@ -175,8 +175,8 @@ def test_in_memory_store_loads_block_by_block(tiny, monkeypatch):
     """The host holds one block at a time: numpy's traced peak stays near one block, not the whole store."""
     store = FeatureStore(tiny.store)
     monkeypatch.setattr(store_module, "_LOAD_FRAMES", 256)
-    whole = store.n_frames * store.n_bands * 2
-    block = 256 * store.n_bands * 2
+    whole = store.n_frames * store.n_mels * 2
+    block = 256 * store.n_mels * 2
     assert whole > 8 * block
     tracemalloc.start()
     try:
@@ -185,7 +185,7 @@ def test_in_memory_store_loads_block_by_block(tiny, monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < 3 * block, (peak, block, whole)
-    assert frames.shape == (store.n_bands, store.n_frames + 32) and frames.dtype == torch.float16
+    assert frames.shape == (store.n_mels, store.n_frames + 32) and frames.dtype == torch.float16
     np.testing.assert_array_equal(frames[:, : store.n_frames].numpy(), np.asarray(store.frames).T)
     assert not frames[:, store.n_frames :].any()
     on_meta = store.load_band_major(pad=32, device="meta")  # allocated on the device itself (meta: no memory)
