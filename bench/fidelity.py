@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training fidelity (issue #19): freqtag's Lightning training against a plain PyTorch loop.
 
-The plain loop is written from the recipe (../shared/REFERENCE.md) the way the
+The plain loop is written from the paper's recipe (conf/experiment/paper.yaml) the way the
 authors' plain-PyTorch code does it: one ``torch.manual_seed``/``np.random.seed``
 at the start, then every random draw from the continuing global streams
 (dropout masks from torch's default generator, the mixup coefficient from
@@ -38,7 +38,7 @@ Every process runs with torch.set_num_threads(1) (and OMP_NUM_THREADS=1). The da
 under $FIDELITY_DATA (default /tmp/freqtag_fidelity), with the run folders of freqtag's
 side; per-run JSON under bench/results/fidelity_runs_<tag>/. To measure one fixed
 freqtag while the working tree changes, run with PYTHONPATH pointing at an export of a
-commit whose freqtag/ holds conf/ (see bench/FIDELITY_DRAFT.md).
+commit whose freqtag/ holds conf/ (the README's Fidelity section, Rerun, shows how).
 """
 
 from __future__ import annotations

@@ -178,10 +178,10 @@ CPU = Sizes(
     warmup=1, steps=1, loader_workers=(0, 2), loader_batch=16, loader_length=32, loader_seconds=0.2,
     run_model="convs", run_length=32, run_batch=8, run_epochs=5, run_train_batches=2, run_stop=2, swa_fraction=0.6,
     # the grid's jobs in a thread of the launching process: a loky worker would spend ~10 s of CPU importing
-    # (tests/test_ablation.py's slow test runs the loky workers with pretend GPUs)
+    # (tests/train/test_ablation.py's slow test runs the loky workers with pretend GPUs)
     grid_length=32, grid_jobs_per_gpu=1, grid_backend="threading", ddp_model="convs", ddp_length=32,
     # prepare in this process both times: a worker process would spend seconds importing torch (so on the CPU
-    # the two stores come from the same code: determinism; tests/test_prepare_audio.py compares the paths)
+    # the two stores come from the same code: determinism; tests/prepare/test_prepare_audio.py compares the paths)
     audio_files=4, audio_seconds=4.0, prepare_workers=(0, 0), predict_files=4, timeout_s=240.0,
 )  # fmt: skip
 
@@ -846,7 +846,7 @@ def start_grid(c: Check, fig: dict[str, Any]) -> Chain:
     """Stage 6 in the background: a 2-job multirun through hydra/launcher=joblib_gpu (``jobs_per_gpu`` jobs at once).
 
     --cpu: the launcher needs a GPU, so it is given a pretend one (``CUDA_VISIBLE_DEVICES=0``, as
-    tests/test_ablation.py does with "3,5") while the jobs train on the CPU, one after the other in a thread
+    tests/train/test_ablation.py does with "3,5") while the jobs train on the CPU, one after the other in a thread
     of the launching process: the pool's size, its lock file and the per-job pinning run as on a GPU machine.
     """
     s = c.sizes

@@ -6,9 +6,10 @@ One network with two kinds of filter layers (``filters``):
 - ``"freq_dep"``: frequency-dependent convolutions (:class:`FreqDepConv`), whose
   kernels are shared along time but not along frequency.
 
-The layer sizes, initialisations and dropout placements follow the authors' code
-(see REFERENCE.md, "Model"); :func:`layer_table` recomputes the paper's Table 1
-from an instantiated model so the two can be compared.
+The layer sizes, initialisations and dropout placements follow the authors'
+public code, where it differs from the paper's Table 1 too (filter1 has 256
+channels, filter2 stride 2 and filter3 stride 1); :func:`layer_table`
+recomputes Table 1 from an instantiated model so the two can be compared.
 """
 
 from __future__ import annotations

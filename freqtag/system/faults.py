@@ -13,7 +13,7 @@ writer in :mod:`freqtag.train.checkpoints`):
   process SIGKILLs itself there, exactly as a power cut or the OOM killer
   would stop it; ``NAME@K=enospc`` raises a full-disk error instead. Without
   the variable a point costs one dictionary look-up. The reliability tests
-  (tests/test_faults.py) kill a run at every point and check that re-running
+  (tests/system/test_faults.py) kill a run at every point and check that re-running
   the same command gives the same result as a run never interrupted.
 """
 
