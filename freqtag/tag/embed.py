@@ -35,9 +35,9 @@ import numpy as np
 
 from freqtag.system.atomic import atomic_path
 from freqtag.system.exits import usage
+from freqtag.tag.commands import add_run_arguments, load_for_run, report_failed, run_files
 from freqtag.tag.formats import FileResult
 from freqtag.tag.inputs import expand_inputs
-from freqtag.tag.runner import add_run_arguments, load_for_run, report_failed, run_files
 
 __all__ = ["add_embed_arguments", "run_embed", "embeddings_npz", "WIDTHS"]
 

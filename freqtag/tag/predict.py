@@ -18,9 +18,10 @@ from typing import Sequence
 
 from freqtag.system.atomic import atomic_write_text
 from freqtag.system.exits import usage
+from freqtag.tag.commands import add_run_arguments, decision_thresholds, load_for_run, report_failed, run_files
 from freqtag.tag.formats import FORMATS, FileResult, Report, output_format, plot_names, render
 from freqtag.tag.inputs import expand_inputs, split_checkpoints
-from freqtag.tag.runner import OOM_FIX, add_run_arguments, load_for_run, report_failed, run_files, tag_file
+from freqtag.tag.runner import OOM_FIX, tag_file
 
 __all__ = [
     "add_predict_arguments",
@@ -72,8 +73,6 @@ def parse_threshold(value: str) -> float | None:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Tag every input; 0 when all were tagged, 1 when some failed, 2 for a usage error."""
-    from freqtag.tag.models import CheckpointError, ensemble_thresholds
-
     if args.top < 1:
         return usage(f"--top {args.top}: must be at least 1", "predict")
     try:
@@ -86,10 +85,10 @@ def run_predict(args: argparse.Namespace) -> int:
     models = load_for_run(args, "predict")
     if isinstance(models, int):
         return models
-    try:
-        thresholds, source = ensemble_thresholds(models, fixed)
-    except (CheckpointError, ValueError, OSError) as e:
-        return usage(str(e), "predict")
+    chosen = decision_thresholds(models, fixed, "predict")
+    if isinstance(chosen, int):
+        return chosen
+    thresholds, source = chosen
 
     from freqtag.data.jamendo import short_tag
 

@@ -395,14 +395,15 @@ def test_default_workers_fit_in_ram(runs, audio, capsys, monkeypatch):
     """Each network worker holds a forward pass's activations: the default count is lowered to what RAM holds,
     in one line; an explicit --workers is taken as given."""
     from freqtag.system import memory
-    from freqtag.tag import runner as tagrun
+    from freqtag.tag import commands
     from freqtag.tag.models import load_models
+    from freqtag.tag.runner import network_worker_bytes
 
-    need = tagrun.network_worker_bytes(load_models([runs["mel96"]]))
-    monkeypatch.setattr(tagrun, "default_workers", lambda: 8)
+    need = network_worker_bytes(load_models([runs["mel96"]]))
+    monkeypatch.setattr(commands, "default_workers", lambda: 8)
     monkeypatch.setattr(memory, "_host_available", lambda: 3 * need + 1)
     seen = []  # the workers tag_files is given (it is not run: the count is what is tested)
-    monkeypatch.setattr(tagrun, "tag_files", lambda files, models, *a: (seen.append(a[2]), iter(()))[1])
+    monkeypatch.setattr(commands, "tag_files", lambda files, models, *a: (seen.append(a[2]), iter(()))[1])
     code, _, err = run_cli(capsys, "--ckpt", runs["mel96"], audio["wav"], audio["short"], "--format", "json",
                            "--no-progress")
     assert code == 0 and seen == [3]

@@ -69,9 +69,8 @@ def _check_options(args: argparse.Namespace) -> str | None:
 def _load(args: argparse.Namespace) -> tuple[list[Any], Any, str] | int:
     """Models and thresholds as ``predict`` gets them; an exit status on failure."""
     from freqtag.system.allocator import keep_freed_memory
-    from freqtag.tag.models import CheckpointError, ensemble_thresholds
+    from freqtag.tag.commands import decision_thresholds, load_checked, warn_synthetic
     from freqtag.tag.predict import parse_threshold
-    from freqtag.tag.runner import load_checked, warn_synthetic
 
     if not args.low_memory:
         keep_freed_memory()
@@ -82,12 +81,11 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Any, str] | int:
     models = load_checked(args.ckpt, args.device, "serve")
     if isinstance(models, int):
         return models
-    try:
-        thresholds, source = ensemble_thresholds(models, fixed)
-    except (CheckpointError, ValueError, OSError) as e:
-        return usage(str(e), "serve")
+    chosen = decision_thresholds(models, fixed, "serve")
+    if isinstance(chosen, int):
+        return chosen
     warn_synthetic(models, "serve")
-    return models, thresholds, source
+    return (models, *chosen)
 
 
 def _listen(host: str, port: int) -> socket.socket:
