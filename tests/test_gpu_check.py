@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
 from helpers import REPO
 
 STAGES = ["env", "synth", "train_step", "loader", "short_run", "grid", "ddp", "prepare", "predict"]
@@ -27,6 +28,7 @@ def numbers(value: Any, where: str = "") -> Iterator[tuple[str, float]]:
         yield where, float(value)
 
 
+@pytest.mark.slow
 def test_gpu_check_on_the_cpu(tmp_path: Path) -> None:
     """The wrapper with this interpreter: every stage present and passed, every figure finite and >= 0."""
     env = {**os.environ, "PYTHON": sys.executable}

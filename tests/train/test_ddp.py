@@ -80,6 +80,7 @@ def test_ddp_resume_after_kill(ddp_run, tmp_path):
         np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_multirun_refuses_script_launched_ranks(ddp_run, tmp_path):
     res = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "-m", *SMALL, f"paths.data_dir={ddp_run.parent / 'data'}",

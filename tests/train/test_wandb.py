@@ -76,6 +76,7 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("wandb-data")
 
 
+@pytest.mark.slow
 def test_offline_run_holds_config_summary_and_checkpoint(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     res = train(tmp_path, *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
