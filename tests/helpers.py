@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -117,3 +119,17 @@ def assert_same_store(a: Path, b: Path) -> None:
     assert x["ids"] == y["ids"] and x["offset"] == y["offset"] and x["length"] == y["length"]
     np.testing.assert_array_equal(x["features"], y["features"])
     assert x["attrs"] == y["attrs"]
+
+
+def kill_when_parts(proc: subprocess.Popen, partial: Path, timeout: float, parts: int = 2) -> None:
+    """SIGKILL a running `freqtag prepare` once ``parts`` parts of its store exist in ``partial`` (a kill mid-run)."""
+    try:
+        deadline = time.monotonic() + timeout
+        while len(list(partial.glob("part-*.npz"))) < parts:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no part appeared"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()

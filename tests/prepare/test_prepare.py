@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_same_store, freqtag
+from helpers import assert_same_store, freqtag, kill_when_parts
 
 from freqtag.data.store import FeatureStore
 from freqtag.prepare.command import PrepareError, prepare_npy
@@ -178,16 +176,7 @@ def test_killed_run_resumes_to_the_same_store(tree: Tree, reference, tmp_path: P
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    try:
-        deadline = time.monotonic() + 30
-        while len(list(partial.glob("part-*.npz"))) < 2:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no part appeared"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when_parts(proc, partial, timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists() and partial.is_dir()
     kept = len(list(partial.glob("part-*.npz")))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import assert_same_store, freqtag  # the same store-equality check as the npy import
+from helpers import assert_same_store, freqtag, kill_when_parts  # the same store-equality check as the npy import
 
 from freqtag.audio.whole import features_from_file
 from freqtag.data import jamendo
@@ -146,16 +144,7 @@ def test_killed_run_resumes_to_the_same_store(audio_dir: Path, mel128_run, tmp_p
     out = tmp_path / "killed.h5"
     partial = tmp_path / "killed.h5.partial"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(audio_dir), str(out)], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(partial.glob("part-*.npz"))) < 2:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no part appeared"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when_parts(proc, partial, timeout=60)
     assert not out.exists() and partial.is_dir()  # the store appears under its name only when complete
     assert 2 <= len(list(partial.glob("part-*.npz"))) < len(GOOD)
 
