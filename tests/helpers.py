@@ -89,14 +89,6 @@ def freqtag(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | No
     return subprocess.CompletedProcess(["freqtag", *argv], code, out.getvalue(), err.getvalue())
 
 
-def train_py(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None,
-             timeout: float = 900) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """`python train.py ARGS` in a subprocess (W&B off unless ``env`` says otherwise)."""
-    env = {"WANDB_MODE": "disabled", **os.environ} if env is None else env
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)  # fmt: skip
-
-
 def store_contents(path: Path) -> dict:
     """Everything a feature store holds, for equality checks."""
     import h5py

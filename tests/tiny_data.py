@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from helpers import FREQTAG, REPO, compose_tiny, tiny_overrides  # noqa: F401  (FREQTAG: for the tests that import it from here)
+from helpers import REPO, compose_tiny, tiny_overrides
 from omegaconf import DictConfig, open_dict
 
 from freqtag.data import jamendo

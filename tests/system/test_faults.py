@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_store
-from tiny_data import FREQTAG, Tiny, make_tiny, run
+from helpers import FREQTAG, assert_same_store
+from tiny_data import Tiny, make_tiny, run
 
 from freqtag.data.store import FeatureStore
 from freqtag.data.store_writer import StoreWriter

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO, tiny_overrides
-from hydra import compose, initialize_config_module
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from freqtag.data.datamodule import JamendoDataModule
 from freqtag.features import FeatureSpec
@@ -27,19 +26,10 @@ from freqtag.train.evaluation import evaluate_tracks
 SMALL = tiny_overrides("trainer.max_epochs=3")  # the tiny run, 3 epochs
 
 
-def config(tmp: Path, *overrides: str) -> DictConfig:
-    with initialize_config_module("freqtag.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*SMALL, *overrides])
-    with open_dict(cfg):
-        cfg.paths.data_dir = str(tmp / "data")
-        cfg.paths.output_dir = str(tmp / "run")
-    return cfg
-
-
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> tuple[Path, DictConfig, dict]:
+def finished(tmp_path_factory, tiny_config) -> tuple[Path, DictConfig, dict]:
     tmp = tmp_path_factory.mktemp("train")
-    cfg = config(tmp)
+    cfg = tiny_config(tmp / "run", "trainer.max_epochs=3")
     metrics = run(cfg)
     return tmp / "run", cfg, metrics
 
@@ -98,22 +88,19 @@ def test_swa_final_weights_are_the_average(finished):
 
 
 @pytest.mark.slow
-def test_same_seed_same_metrics(finished, tmp_path):
+def test_same_seed_same_metrics(finished, tmp_path, tiny_config):
     run_dir, _, metrics = finished
-    cfg = config(tmp_path)
-    with open_dict(cfg):
-        cfg.paths.data_dir = str(run_dir.parent / "data")
+    cfg = tiny_config(tmp_path / "run", "trainer.max_epochs=3", data_dir=run_dir.parent / "data")
     assert run(cfg) == metrics
 
 
 @pytest.mark.slow
-def test_worker_processes_and_the_store_give_the_same_metrics(finished, tmp_path):
+def test_worker_processes_and_the_store_give_the_same_metrics(finished, tmp_path, tiny_config):
     """The store read by 2 worker processes (crops through the shared-memory ring) = the in-memory run."""
     run_dir, cfg, metrics = finished
     assert cfg.data.in_memory and cfg.data.num_workers == 0
-    cfg = config(tmp_path, "data.in_memory=false", "data.num_workers=2")
-    with open_dict(cfg):
-        cfg.paths.data_dir = str(run_dir.parent / "data")
+    cfg = tiny_config(tmp_path / "run", "trainer.max_epochs=3", "data.in_memory=false", "data.num_workers=2",
+                      data_dir=run_dir.parent / "data")
     assert run(cfg) == metrics
 
 
